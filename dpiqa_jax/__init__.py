@@ -1,0 +1,1 @@
+"""DP-IQA in JAX/Flax."""
