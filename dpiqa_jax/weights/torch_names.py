@@ -10,11 +10,13 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 
+from dpiqa_jax.errors import UserError
+
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight",
                   "mean": "running_mean", "var": "running_var"}
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """A state dict that does not fit the model: the message names the file and every bad key."""
 
 

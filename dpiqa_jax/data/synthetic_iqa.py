@@ -1,0 +1,139 @@
+"""synthetic_iqa: a built-in IQA dataset that needs no download (the default of the demo training).
+
+Reference photos are the natural images that scikit-image ships (offline, in its wheel). Each
+example is a random square crop of one reference, resized to `image_size`, degraded by one of
+seven distortions at a continuous strength s ~ U(0, 1); its quality label is the SSIM (Wang et
+al. 2004: Gaussian window, sigma 1.5, over the RGB channels, scikit-image) between the distorted
+and the clean crop. Each distortion's parameter is shaped so that the mean SSIM falls smoothly
+and roughly linearly from 1 to 0.1-0.5 as s goes from 0 to 1. Train and test use disjoint photos.
+"""
+import dataclasses
+import functools
+import io
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+from scipy import ndimage
+
+from dpiqa_jax.data.base import SPLIT_INDICES, IqaBuilder, iqa_features
+
+TRAIN_REFERENCES = ("astronaut", "coffee", "camera", "moon", "grass", "brick", "cell", "page",
+                    "hubble_deep_field", "immunohistochemistry", "retina", "motorcycle")
+TEST_REFERENCES = ("chelsea", "rocket", "coins", "gravel", "text")
+DISTORTIONS = ("blur", "noise", "jpeg", "contrast", "brighten", "darken", "pixelate")
+MIN_CROP = 0.4  # crops span 40-100% of the photo's shorter side (never below image_size if it can)
+
+
+@dataclasses.dataclass(eq=False)
+class SyntheticConfig(tfds.core.BuilderConfig):
+    num_train: int = 2000
+    num_test: int = 500
+    image_size: int = 128
+    seed: int = 0
+
+
+@functools.lru_cache(maxsize=None)
+def reference_photo(name: str) -> np.ndarray:
+    """scikit-image's bundled photo `name` as uint8 RGB (grey photos repeated on 3 channels)."""
+    from skimage import data
+
+    photo = data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
+    photo = np.stack([photo] * 3, axis=-1) if photo.ndim == 2 else photo[..., :3]
+    return np.ascontiguousarray(photo, dtype=np.uint8)
+
+
+def random_crop(photo: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    height, width = photo.shape[:2]
+    short = min(height, width)
+    low = min(1.0, max(MIN_CROP, size / short))
+    side = int(round(short * rng.uniform(low, 1.0)))
+    top, left = rng.integers(0, height - side + 1), rng.integers(0, width - side + 1)
+    crop = Image.fromarray(photo[top:top + side, left:left + side])
+    if rng.random() < 0.5:
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return _float(crop.resize((size, size), Image.Resampling.BICUBIC))
+
+
+def distort(image: np.ndarray, kind: str, s: float, rng: np.random.Generator) -> np.ndarray:
+    """`image` (float32 in [0, 1]) degraded by distortion `kind` at strength s in [0, 1]."""
+    size = image.shape[0]
+    if kind == "blur":
+        sigma = (0.3 + 3.2 * s**1.5) * size / 128
+        return ndimage.gaussian_filter(image, (sigma, sigma, 0))
+    if kind == "noise":
+        return np.clip(image + rng.normal(0.0, 0.15 * s**2, image.shape).astype(np.float32), 0, 1)
+    if kind == "jpeg":
+        buffer = io.BytesIO()
+        _uint8(image).save(buffer, "JPEG", quality=int(round(2 + 88 * (1 - s) ** 2)))
+        return _float(Image.open(buffer))
+    if kind == "contrast":
+        mean = image.mean()
+        return mean + (1 - 0.95 * s**0.8) * (image - mean)
+    if kind == "brighten":
+        return np.clip(image * (1 + 3 * s**1.3), 0, 1)
+    if kind == "darken":
+        return image * (1 - 0.9 * s**0.7)
+    if kind == "pixelate":
+        cells = max(1, int(round(size / (1 + 7 * s**1.3))))
+        small = _uint8(image).resize((cells, cells), Image.Resampling.BOX)
+        return _float(small.resize((size, size), Image.Resampling.NEAREST))
+    raise ValueError(f"unknown distortion {kind!r}; known: {DISTORTIONS}")
+
+
+def quality(clean: np.ndarray, distorted: np.ndarray) -> float:
+    from skimage.metrics import structural_similarity
+
+    return float(structural_similarity(clean, distorted, data_range=1.0, channel_axis=-1,
+                                       gaussian_weights=True, sigma=1.5, use_sample_covariance=False))
+
+
+def make_example(index: int, reference: str, config: SyntheticConfig) -> dict:
+    """Example `index` (a function of the seed and index alone, so any subset rebuilds the same)."""
+    rng = np.random.default_rng([config.seed, index])
+    clean = random_crop(reference_photo(reference), config.image_size, rng)
+    kind, s = DISTORTIONS[rng.integers(len(DISTORTIONS))], float(rng.uniform())
+    distorted = _uint8(distort(clean, kind, s, rng))  # stored as 8-bit PNG: score what is stored
+    score = quality(clean, _float(distorted))
+    png = io.BytesIO()
+    distorted.save(png, "PNG", compress_level=1)
+    return {"image": png.getvalue(), "mos": score, "target": score, "index": index,
+            "file_name": f"{reference}-{kind}-{index:06d}.png", "reference": reference,
+            "distortion": kind, "strength": s}
+
+
+class SyntheticIqa(IqaBuilder):
+    """Synthetic distortions of scikit-image's photos, labelled by SSIM (mos = target = SSIM).
+    Splits `train` and `test` (disjoint photos); `index` runs over train, then test."""
+
+    DESCRIPTION = __doc__
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [
+        SyntheticConfig(name="default", description="2,000 train / 500 test images of 128 px"),
+        SyntheticConfig(name="small", num_train=400, num_test=100, image_size=64,
+                        description="400 train / 100 test images of 64 px"),
+        SyntheticConfig(name="tiny", num_train=24, num_test=8, image_size=32, description="for tests"),
+    ]
+
+    def _features(self) -> tfds.features.FeaturesDict:
+        return iqa_features(reference=tfds.features.Text(), distortion=tfds.features.Text(),
+                            strength=np.float32)
+
+    def _split_generators(self, dl_manager):
+        cfg = self.builder_config
+        parts = {"train": (range(cfg.num_train), TRAIN_REFERENCES),
+                 "test": (range(cfg.num_train, cfg.num_train + cfg.num_test), TEST_REFERENCES)}
+        self.info.metadata[SPLIT_INDICES] = {name: list(ids) for name, (ids, _) in parts.items()}
+        return {name: self._generate_examples(ids, refs) for name, (ids, refs) in parts.items()}
+
+    def _generate_examples(self, ids: range, references: tuple[str, ...]):
+        for n, index in enumerate(ids):
+            yield index, make_example(index, references[n % len(references)], self.builder_config)
+
+
+def _uint8(image: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.clip(np.rint(image * 255), 0, 255).astype(np.uint8))
+
+
+def _float(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.float32) / np.float32(255)

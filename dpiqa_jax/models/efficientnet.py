@@ -1,0 +1,196 @@
+"""EfficientNet B0..B7 with torchvision's architecture and state-dict names.
+
+Modules carry torchvision's names (`features.0.0`, `features.1.0.block.2.fc1`, ...), so that
+`dpiqa_jax.weights.torch_names.load_state_dict` maps a torchvision state dict by name, batch-norm
+statistics included (collection `batch_stats`). The network stops at the last feature map
+(torchvision's `features`); the pooling and ImageNet classifier are not built. Layout is NHWC.
+"""
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dpiqa_jax.errors import UserError
+
+Dtype = Any
+
+# torchvision's EfficientNet-B0 stages: (expand ratio, kernel, stride, in channels, out channels, blocks).
+_B0_STAGES = (
+    (1, 3, 1, 32, 16, 1),
+    (6, 3, 2, 16, 24, 2),
+    (6, 5, 2, 24, 40, 2),
+    (6, 3, 2, 40, 80, 3),
+    (6, 5, 1, 80, 112, 3),
+    (6, 5, 2, 112, 192, 4),
+    (6, 3, 1, 192, 320, 1),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    width: float
+    depth: float
+    bn_eps: float = 1e-5  # torchvision keeps BatchNorm2d's defaults up to B4 ...
+    bn_momentum: float = 0.1  # ... in PyTorch's convention (weight of the new batch statistic)
+
+
+_B5_B7_NORM = {"bn_eps": 1e-3, "bn_momentum": 0.01}  # ... and changes them from B5 on
+VARIANTS = {
+    "b0": Variant(1.0, 1.0),
+    "b1": Variant(1.0, 1.1),
+    "b2": Variant(1.1, 1.2),
+    "b3": Variant(1.2, 1.4),
+    "b4": Variant(1.4, 1.8),
+    "b5": Variant(1.6, 2.2, **_B5_B7_NORM),
+    "b6": Variant(1.8, 2.6, **_B5_B7_NORM),
+    "b7": Variant(2.0, 3.1, **_B5_B7_NORM),
+}
+
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+    """Round to the nearest multiple of `divisor`, never more than 10% below `value` (torchvision's rule)."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+def stages(variant: str) -> list[tuple[int, int, int, int, int, int]]:
+    """The B0 stages scaled by the variant's width (channels) and depth (blocks per stage)."""
+    v = get_variant(variant)
+    width = lambda channels: make_divisible(channels * v.width)
+    return [(e, k, s, width(cin), width(cout), int(math.ceil(n * v.depth)))
+            for e, k, s, cin, cout, n in _B0_STAGES]
+
+
+def get_variant(name: str) -> Variant:
+    if name not in VARIANTS:
+        raise UserError(f"unknown EfficientNet variant {name!r}; expected one of {', '.join(VARIANTS)}")
+    return VARIANTS[name]
+
+
+class BatchNorm(nn.Module):
+    """PyTorch's BatchNorm2d: running statistics in eval mode; batch statistics (biased variance) in
+    training, with running averages updated in PyTorch's convention. Flax's BatchNorm averages the
+    biased batch variance, PyTorch the unbiased one: matching PyTorch keeps fine-tuning from
+    torchvision's statistics identical. Statistics are computed in float32 at least."""
+
+    eps: float
+    momentum: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        channels = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (channels,))
+        bias = self.param("bias", nn.initializers.zeros, (channels,))
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)
+        running_var = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
+        x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        if train:
+            mean, var = jnp.mean(x32, axis=(0, 1, 2)), jnp.var(x32, axis=(0, 1, 2))
+            if not self.is_initializing():
+                n = x.size // channels
+                m = self.momentum
+                running_mean.value = (1 - m) * running_mean.value + m * mean
+                running_var.value = (1 - m) * running_var.value + m * var * n / max(n - 1, 1)
+        else:
+            mean, var = running_mean.value, running_var.value
+        gain = scale * jax.lax.rsqrt(var + self.eps)
+        return (x32 * gain + (bias - mean * gain)).astype(self.dtype)
+
+
+class ConvNormAct(nn.Module):
+    """torchvision's Conv2dNormActivation: conv `0` (no bias, 'same' padding) -> BatchNorm `1` -> SiLU."""
+
+    features: int
+    kernel: int
+    eps: float
+    momentum: float
+    stride: int = 1
+    groups: int = 1
+    activation: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        k, pad = self.kernel, (self.kernel - 1) // 2
+        x = nn.Conv(self.features, (k, k), strides=self.stride, padding=((pad, pad), (pad, pad)),
+                    feature_group_count=self.groups, use_bias=False, dtype=self.dtype, name="0")(x)
+        x = BatchNorm(self.eps, self.momentum, self.dtype, name="1")(x, train)
+        return nn.silu(x) if self.activation else x
+
+
+class SqueezeExcitation(nn.Module):
+    """torchvision's SqueezeExcitation with SiLU: 1x1 convs `fc1`, `fc2` (with bias) on the global mean."""
+
+    squeeze: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        s = jnp.mean(x, axis=(1, 2), keepdims=True, dtype=jnp.promote_types(x.dtype, jnp.float32))
+        s = s.astype(self.dtype)
+        s = nn.silu(nn.Conv(self.squeeze, (1, 1), dtype=self.dtype, name="fc1")(s))
+        s = nn.sigmoid(nn.Conv(x.shape[-1], (1, 1), dtype=self.dtype, name="fc2")(s))
+        return x * s
+
+
+class MBConv(nn.Module):
+    """Inverted residual: [1x1 expand] -> depthwise kxk -> squeeze-excitation -> 1x1 project, as
+    `block.0..3` (`block.0..2` without expansion). The residual branch is dropped per sample with
+    probability `drop_prob` in training (torchvision's 'row' stochastic depth, rng stream 'dropout')."""
+
+    out_channels: int
+    expand_ratio: int
+    kernel: int
+    stride: int
+    drop_prob: float
+    eps: float
+    momentum: float
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        in_channels = x.shape[-1]
+        expanded = make_divisible(in_channels * self.expand_ratio)
+        norm = {"eps": self.eps, "momentum": self.momentum, "dtype": self.dtype}
+        h, i = x, 0
+        if expanded != in_channels:
+            h, i = ConvNormAct(expanded, 1, name="block.0", **norm)(h, train), 1
+        h = ConvNormAct(expanded, self.kernel, stride=self.stride, groups=expanded, name=f"block.{i}",
+                        **norm)(h, train)
+        h = SqueezeExcitation(max(1, in_channels // 4), self.dtype, name=f"block.{i + 1}")(h)
+        h = ConvNormAct(self.out_channels, 1, activation=False, name=f"block.{i + 2}", **norm)(h, train)
+        if self.stride != 1 or in_channels != self.out_channels:
+            return h
+        # A per-sample mask broadcast over H, W, C and scaled by 1 / (1 - p) is stochastic depth.
+        drop_path = nn.Dropout(self.drop_prob, broadcast_dims=(1, 2, 3), name="stochastic_depth")
+        return drop_path(h, deterministic=not train) + x
+
+
+class EfficientNet(nn.Module):
+    """images (B, H, W, 3) -> torchvision's `features` output (B, H/32, W/32, 4 * last stage channels),
+    e.g. (B, 16, 16, 2560) for B7 at 512 px. `train=True` uses batch statistics (call `apply` with
+    `mutable=['batch_stats']`) and stochastic depth (needs an rng named 'dropout')."""
+
+    variant: str = "b7"
+    stochastic_depth_prob: float = 0.2
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        v = get_variant(self.variant)
+        norm = {"eps": v.bn_eps, "momentum": v.bn_momentum, "dtype": self.dtype}
+        config = stages(self.variant)
+        x = ConvNormAct(config[0][3], 3, stride=2, name="features.0", **norm)(x.astype(self.dtype), train)
+        total, block_id = sum(c[-1] for c in config), 0
+        for i, (expand, kernel, stride, _, out, blocks) in enumerate(config, start=1):
+            for j in range(blocks):
+                # torchvision's linear schedule: 0 for the first block, towards the full probability.
+                drop = self.stochastic_depth_prob * block_id / total
+                x = MBConv(out, expand, kernel, stride if j == 0 else 1, drop, name=f"features.{i}.{j}",
+                           **norm)(x, train)
+                block_id += 1
+        return ConvNormAct(4 * config[-1][4], 1, name=f"features.{len(config) + 1}", **norm)(x, train)

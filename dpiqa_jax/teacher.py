@@ -1,0 +1,115 @@
+"""Building, initialising and loading the DP-IQA teacher.
+
+A checkpoint may be the authors' `.pth` state dict (with their prompt-embedding file) or one
+of our training workdirs / orbax checkpoint folders.
+"""
+import dataclasses
+import json
+import os
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpiqa_jax.errors import UserError
+from dpiqa_jax.models.dpiqa import DPIQA, TeacherConfig
+from dpiqa_jax.models.unet import UNetConfig
+from dpiqa_jax.models.vae import VAEConfig
+from dpiqa_jax.weights import torch_files
+from dpiqa_jax.weights.torch_names import load_state_dict
+
+PROMPT_FILE_NAMES = ("quality_embeddings.pth", "quality_embeddings.npy", "prompt_embeddings.npy")
+
+
+def teacher_config_from_dict(d: dict) -> TeacherConfig:
+    """{'unet': diffusers unet config, 'vae': diffusers vae config, 'latent_size', 'decoder': {...}}."""
+    return TeacherConfig(
+        unet=UNetConfig.from_diffusers(d["unet"]) if "unet" in d else TeacherConfig.unet,
+        vae=VAEConfig.from_diffusers(d["vae"]) if "vae" in d else TeacherConfig.vae,
+        latent_size=int(d.get("latent_size", TeacherConfig.latent_size)),
+        adapter_res_blocks=int(d.get("adapter_res_blocks", TeacherConfig.adapter_res_blocks)),
+        decoder=tuple(sorted(dict(d.get("decoder", {})).items())),
+    )
+
+
+def teacher_config_to_dict(cfg: TeacherConfig) -> dict:
+    return {"unet": dataclasses.asdict(cfg.unet), "vae": dataclasses.asdict(cfg.vae),
+            "latent_size": cfg.latent_size, "adapter_res_blocks": cfg.adapter_res_blocks,
+            "decoder": dict(cfg.decoder)}
+
+
+def read_teacher_config(path: str) -> TeacherConfig:
+    try:
+        with open(path) as f:
+            return teacher_config_from_dict(json.load(f))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: not a readable teacher config ({e})") from e
+
+
+def param_shapes(cfg: TeacherConfig):
+    """The teacher's parameter tree as ShapeDtypeStructs (nothing allocated)."""
+    images = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
+    prompts = jax.ShapeDtypeStruct((1, cfg.embed_dim), jnp.float32)
+    return jax.eval_shape(DPIQA(cfg).init, jax.random.PRNGKey(0), images, prompts)["params"]
+
+
+def init_teacher_params(cfg: TeacherConfig, rng: jax.Array, sd_dir: Optional[str] = None):
+    """Random init; with `sd_dir` the VAE and U-Net come from a local diffusers SD-1.5 folder."""
+    images = jnp.zeros((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
+    prompts = jnp.zeros((1, cfg.embed_dim), jnp.float32)
+    params = jax.jit(DPIQA(cfg).init)(rng, images, prompts)["params"]
+    if sd_dir is not None:
+        from dpiqa_jax.weights.diffusers import load_sd_folder
+
+        unet_cfg, unet_params, vae_cfg, vae_params = load_sd_folder(sd_dir)
+        if (unet_cfg, vae_cfg) != (cfg.unet, cfg.vae):
+            raise UserError(f"{sd_dir}: its U-Net/VAE configs differ from the teacher config")
+        params = {**params, "unet": unet_params, "vae": vae_params}
+    return params
+
+
+def demo_prompt_embeddings(num: int, dim: int, seed: int = 0) -> np.ndarray:
+    """A fixed random prompt matrix for configs that run without a CLIP model (the demo)."""
+    return np.random.default_rng(seed).standard_normal((num, dim)).astype(np.float32)
+
+
+def find_prompt_file(checkpoint: str) -> str:
+    folder = os.path.dirname(os.path.abspath(checkpoint))
+    for name in PROMPT_FILE_NAMES:
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    raise UserError(f"{checkpoint}: the authors' checkpoints need their prompt-embedding file: pass "
+                    f"--prompt-embeddings FILE (quality_embeddings.pth) or put it beside the checkpoint")
+
+
+def load_authors_teacher(path: str, cfg: TeacherConfig = TeacherConfig()):
+    """Params from the authors' teacher state dict (`vae.*`, `unet.*`, `gamma`, ...).
+    Keys the forward pass never uses (the VAE decoder, QFD.bnc1, QFD.classifier_dist) are ignored."""
+    state = torch_files.read_tensors(path)
+    return load_state_dict(param_shapes(cfg), state, source=path)
+
+
+def load_teacher(checkpoint: str, prompt_embeddings: Optional[str] = None,
+                 model_config: Optional[str] = None):
+    """(TeacherConfig, params, prompt embeddings) from the authors' .pth or one of our checkpoints.
+
+    `model_config` (a JSON written by `teacher_config_to_dict`) describes a .pth whose shapes are
+    not SD-1.5's; our own checkpoints carry their config."""
+    if os.path.isdir(checkpoint):
+        from dpiqa_jax.train.checkpoint import restore_for_inference
+
+        cfg, params, embeddings = restore_for_inference(checkpoint)
+    else:
+        cfg = read_teacher_config(model_config) if model_config else TeacherConfig()
+        params = load_authors_teacher(checkpoint, cfg)
+        embeddings = None
+    if prompt_embeddings is not None or embeddings is None:
+        from dpiqa_jax.prompts import load_prompt_embeddings
+
+        embeddings = load_prompt_embeddings(prompt_embeddings or find_prompt_file(checkpoint))
+    embeddings = np.asarray(embeddings, np.float32)
+    if embeddings.ndim != 2 or embeddings.shape[1] != cfg.embed_dim:
+        raise UserError(f"prompt embeddings of shape {embeddings.shape} do not fit the teacher "
+                        f"(expected (N, {cfg.embed_dim}))")
+    return cfg, params, embeddings

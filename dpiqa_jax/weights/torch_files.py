@@ -1,0 +1,70 @@
+"""Reading PyTorch checkpoint files safely: safetensors, or pickles through
+`torch.load(weights_only=True)` (which refuses pickles that would run code)."""
+import os
+
+import numpy as np
+
+from dpiqa_jax.errors import UserError
+
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as e:
+        raise UserError("reading a PyTorch .pth file needs torch: pip install 'dpiqa_jax[torch]'") from e
+    return torch
+
+
+def _to_numpy(value):
+    torch = _torch()
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        if value.dtype == torch.bfloat16:
+            value = value.float()
+        return value.numpy()
+    return value
+
+
+def read_tensors(path: str) -> dict:
+    """The flat {name: array} of a state-dict file (.safetensors or a torch pickle)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        try:
+            return load_file(path)
+        except Exception as e:  # safetensors reports corruption with several exception types
+            raise UserError(f"{path}: not a readable safetensors file ({e})") from e
+    obj = load_pickle(path)
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    return {k: _to_numpy(v) for k, v in obj.items()}
+
+
+def load_pickle(path: str):
+    """torch.load with weights_only=True: tensors, lists, dicts and numbers only."""
+    torch = _torch()
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors come in many types; all mean "unusable file"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: cannot be read as a weights-only PyTorch file ({reason})") from e
+
+
+def read_array(path: str) -> np.ndarray:
+    """A single tensor saved with torch.save / np.save / safetensors (one entry)."""
+    if path.endswith(".npy"):
+        return np.load(path)
+    if path.endswith(".safetensors"):
+        values = list(read_tensors(path).values())
+    else:
+        obj = _to_numpy(load_pickle(path))
+        values = list(obj.values()) if isinstance(obj, dict) else [obj]
+    if len(values) != 1 or not isinstance(values[0], np.ndarray):
+        raise UserError(f"{path}: expected a single tensor")
+    return values[0]

@@ -1,0 +1,129 @@
+"""The whole teacher against the PyTorch rendering of the authors' model (tests/torch_reference.py)."""
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from fixtures import TINY_UNET, TINY_VAE
+from oracle import nchw, randomize_, rel_err, state_numpy
+from torch_reference import build_torch_dpiqa, tiny_qfd_kwargs
+
+from dpiqa_jax.models.dpiqa import DPIQA, TeacherConfig
+from dpiqa_jax.models.unet import SD15 as UNET_SD15
+from dpiqa_jax.teacher import param_shapes, teacher_config_from_dict, teacher_config_to_dict
+from dpiqa_jax.weights.torch_names import WeightsError, load_state_dict
+
+TOL = 1e-4
+TINY = {"unet": TINY_UNET, "vae": TINY_VAE, "latent_size": 8, "decoder": tiny_qfd_kwargs()}
+
+
+def tiny_pair(seed=0):
+    torch.manual_seed(seed)
+    ref = randomize_(build_torch_dpiqa(TINY_UNET, TINY_VAE, tiny_qfd_kwargs()), seed=seed)
+    cfg = teacher_config_from_dict(TINY)
+    return ref, cfg, load_state_dict(param_shapes(cfg), state_numpy(ref))
+
+
+def run_pair(ref, cfg, params, images, prompts, dtype=jnp.float32):
+    with torch.no_grad():
+        score, fmap = ref(torch.as_tensor(images).permute(0, 3, 1, 2), torch.as_tensor(prompts))
+    ours = DPIQA(cfg, dtype=dtype).apply({"params": params}, jnp.asarray(images), jnp.asarray(prompts))
+    return (score[:, 0].numpy(), fmap.numpy()), ours
+
+
+def test_tiny_teacher_matches_authors_model():
+    ref, cfg, params = tiny_pair()
+    rng = np.random.default_rng(0)
+    images = rng.random((2, 64, 64, 3), dtype=np.float32)
+    prompts = rng.standard_normal((7, 32), dtype=np.float32)
+    (score, fmap), (our_score, our_map) = run_pair(ref, cfg, params, images, prompts)
+    assert our_score.shape == (2,) and our_map.shape == (2, 8, 8, 8)
+    assert rel_err(our_score, score) < TOL
+    assert rel_err(nchw(our_map), fmap) < TOL
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+    _, cfg, params = tiny_pair(seed=1)
+    rng = np.random.default_rng(1)
+    images = jnp.asarray(rng.random((2, 64, 64, 3), dtype=np.float32))
+    prompts = jnp.asarray(rng.standard_normal((7, 32), dtype=np.float32))
+    full = DPIQA(cfg).apply({"params": params}, images, prompts)
+    half = DPIQA(cfg, dtype=jnp.bfloat16).apply({"params": params}, images, prompts)
+    assert half[1].dtype == jnp.bfloat16
+    assert rel_err(half[1].astype(jnp.float32), full[1]) < 5e-2
+
+
+def test_sample_mode_draws_around_the_mean():
+    _, cfg, params = tiny_pair()
+    images = jnp.asarray(np.random.default_rng(2).random((2, 64, 64, 3), dtype=np.float32))
+    prompts = jnp.ones((3, 32))
+    model = DPIQA(cfg)
+    mean = model.apply({"params": params}, images, prompts)[0]
+    draws = [model.apply({"params": params}, images, prompts, jax.random.PRNGKey(i))[0] for i in range(2)]
+    assert not np.allclose(draws[0], draws[1])
+    again = model.apply({"params": params}, images, prompts, jax.random.PRNGKey(0))[0]
+    np.testing.assert_array_equal(again, draws[0])
+    assert not np.allclose(mean, draws[0])
+
+
+def test_config_round_trips_through_dict():
+    cfg = teacher_config_from_dict(TINY)
+    assert teacher_config_from_dict(teacher_config_to_dict(cfg)) == cfg
+    assert teacher_config_from_dict({}) == TeacherConfig()
+
+
+def test_loader_names_every_missing_and_misshaped_key():
+    ref, cfg, _ = tiny_pair()
+    state = state_numpy(ref)
+    del state["QFD.fc3.bias"], state["gamma"]
+    state["unet.conv_in.weight"] = state["unet.conv_in.weight"][:, :2]
+    with pytest.raises(WeightsError) as e:
+        load_state_dict(param_shapes(cfg), state, source="bad.pth")
+    message = str(e.value)
+    assert "bad.pth" in message and "\n" not in message
+    assert "QFD.fc3.bias" in message and "gamma" in message
+    assert "unet.conv_in.weight (file (32, 2, 3, 3), model (32, 4, 3, 3))" in message
+
+
+def test_parameter_counts_at_sd15_equal_the_authors():
+    counts = {k: sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(t))
+              for k, t in param_shapes(TeacherConfig()).items()}
+    # diffusers' SD-1.5 U-Net has 859,520,964 parameters; the unused conv_norm_out/conv_out hold 12,164.
+    assert counts["unet"] == 859_520_964 - 12_164
+    assert counts["img_adapter"] == 77_369_280
+    assert counts["text_adapter"] + counts["gamma"] == 1_181_952
+    assert counts["QFD"] == 42_934_697
+    # AutoencoderKL's encoder (34,163,592) + quant_conv (72); the decoder is never used.
+    assert counts["vae"] == 34_163_664
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("memory")
+def test_full_size_teacher_matches_authors_model(capsys):
+    """SD-1.5 shapes, 512 px, 1485 prompts, random weights: the whole teacher, fp32."""
+    vae_config = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                      up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4)
+    unet_config = {k: getattr(UNET_SD15, k) for k in ("block_out_channels", "layers_per_block",
+                                                      "cross_attention_dim", "attention_head_dim")}
+    torch.manual_seed(0)
+    ref = randomize_(build_torch_dpiqa({**unet_config, "sample_size": 64}, vae_config, {}), seed=0)
+    rng = np.random.default_rng(0)
+    images = rng.random((1, 512, 512, 3), dtype=np.float32)
+    prompts = rng.standard_normal((1485, 768), dtype=np.float32)
+    with torch.no_grad():
+        score, fmap = ref(torch.as_tensor(images).permute(0, 3, 1, 2), torch.as_tensor(prompts))
+    cfg = TeacherConfig()
+    params = jax.tree_util.tree_map(jnp.asarray, load_state_dict(param_shapes(cfg), state_numpy(ref)))
+    del ref
+    forward = jax.jit(lambda p, x, e: DPIQA(cfg).apply({"params": p}, x, e))
+    jax.block_until_ready(forward(params, images, prompts))
+    start = time.perf_counter()
+    our_score, our_map = jax.block_until_ready(forward(params, images, prompts))
+    with capsys.disabled():
+        print(f"\nfull-size teacher forward on the CPU: {time.perf_counter() - start:.1f} s/image; "
+              f"score rel err {rel_err(our_score, score[:, 0].numpy()):.2e}, "
+              f"map rel err {rel_err(nchw(our_map), fmap.numpy()):.2e}")
+    assert rel_err(our_score, score[:, 0].numpy()) < TOL
+    assert rel_err(nchw(our_map), fmap.numpy()) < TOL
