@@ -83,11 +83,11 @@ def find_prompt_file(checkpoint: str) -> str:
                     f"--prompt-embeddings FILE (quality_embeddings.pth) or put it beside the checkpoint")
 
 
-def load_authors_teacher(path: str, cfg: TeacherConfig = TeacherConfig()):
+def load_authors_teacher(path: str, cfg: Optional[TeacherConfig] = None):
     """Params from the authors' teacher state dict (`vae.*`, `unet.*`, `gamma`, ...).
     Keys the forward pass never uses (the VAE decoder, QFD.bnc1, QFD.classifier_dist) are ignored."""
     state = torch_files.read_tensors(path)
-    return load_state_dict(param_shapes(cfg), state, source=path)
+    return load_state_dict(param_shapes(cfg or TeacherConfig()), state, source=path)
 
 
 def load_teacher(checkpoint: str, prompt_embeddings: Optional[str] = None,

@@ -40,8 +40,9 @@ def test_cross_attention_shared_context():
 
 
 def test_vae_style_attention_with_group_norm():
-    ref = randomize_(TorchAttention(query_dim=16, heads=1, dim_head=16, bias=True, norm_num_groups=4,
-                                    residual_connection=True, upcast_softmax=True, _from_deprecated_attn_block=True))
+    ref = TorchAttention(query_dim=16, heads=1, dim_head=16, bias=True, norm_num_groups=4,
+                         residual_connection=True, upcast_softmax=True, _from_deprecated_attn_block=True)
+    ref = randomize_(ref)
     x = torch.randn(2, 16, 5, 5)
     with torch.no_grad():
         expected = ref(x).numpy()

@@ -13,9 +13,12 @@ from torch_reference import build_torch_dpiqa, tiny_qfd_kwargs
 from dpiqa_jax.models.dpiqa import DPIQA, TeacherConfig
 from dpiqa_jax.models.unet import SD15 as UNET_SD15
 from dpiqa_jax.teacher import param_shapes, teacher_config_from_dict, teacher_config_to_dict
-from dpiqa_jax.weights.torch_names import WeightsError, load_state_dict
+from dpiqa_jax.weights.torch_names import WeightsError, load_state_dict, to_state_dict
 
 TOL = 1e-4
+# Keys of the authors' state dict that the forward pass never reads.
+UNUSED = ("vae.decoder.", "vae.post_quant_conv.", "unet.conv_norm_out.", "unet.conv_out.", "QFD.bnc1.",
+          "QFD.classifier_dist.")
 TINY = {"unet": TINY_UNET, "vae": TINY_VAE, "latent_size": 8, "decoder": tiny_qfd_kwargs()}
 
 
@@ -127,3 +130,11 @@ def test_full_size_teacher_matches_authors_model(capsys):
               f"map rel err {rel_err(nchw(our_map), fmap.numpy()):.2e}")
     assert rel_err(our_score, score[:, 0].numpy()) < TOL
     assert rel_err(nchw(our_map), fmap.numpy()) < TOL
+
+
+def test_state_dict_round_trip_is_exact():
+    ref, cfg, params = tiny_pair()
+    state = to_state_dict(params)
+    assert set(state) == set(state_numpy(ref)) - {k for k in state_numpy(ref) if k.startswith(UNUSED)}
+    again = load_state_dict(param_shapes(cfg), state)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, again, params)

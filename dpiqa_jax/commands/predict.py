@@ -83,7 +83,7 @@ def run(args):
                 failed += 1
         if images:
             scores = scorer.predict_arrays(np.stack(images))[0]
-            rows += [{"path": p, "score": float(s)} for p, s in zip(good, scores)]
+            rows += [{"path": p, "score": float(s)} for p, s in zip(good, scores, strict=True)]
     if rows:
         write_results(rows, args.output)
     return 1 if failed else 0

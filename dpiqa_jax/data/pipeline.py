@@ -5,11 +5,17 @@ e visits the train indices in a hash order keyed by (seed, e), global batch t ta
 `batch_size` of them (an epoch's remainder is dropped), and process p keeps its contiguous share.
 So a run resumed at step t sees exactly the batches an uninterrupted run would, every process
 agrees on the global batch without talking, and each process reads only its own images.
-tf.data then does the work: records are read by index (ArrayRecord random access) and decoded
-by `images.load_image` itself in parallel threads (PIL releases the GIL while decoding and
-resizing), batched and prefetched.
+
+The work is `images.load_image` itself, on a pool of threads (PIL releases the GIL while it
+decodes and resizes) reading records by index (ArrayRecord random access), a bounded number of
+batches ahead. Not tf.data: every step of it is Python (ArrayRecord, PIL), so tf.data would only
+wrap the same threads in `numpy_function`, and a tf.data iterator over a Python function that is
+still alive when the interpreter exits (a finished script, an error mid-epoch) hangs the exit.
 """
-from typing import Iterator, Optional, Union
+import collections
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable, Iterator, Optional, Union
 
 import jax
 import numpy as np
@@ -21,20 +27,6 @@ from dpiqa_jax.data.source import Source, open_source
 from dpiqa_jax.data.splits import SplitSpec, hash_order, resolve
 
 PAD = -1  # index of an evaluation padding slot
-
-
-def _processes(process_index: Optional[int], process_count: Optional[int]) -> tuple[int, int]:
-    index = jax.process_index() if process_index is None else process_index
-    count = jax.process_count() if process_count is None else process_count
-    if not 0 <= index < count:
-        raise DatasetError(f"process index {index} is not in [0, {count})")
-    return index, count
-
-
-def _local_batch(batch_size: int, process_count: int) -> int:
-    if batch_size < 1 or batch_size % process_count:
-        raise DatasetError(f"batch size {batch_size} must be a positive multiple of the {process_count} processes")
-    return batch_size // process_count
 
 
 class TrainOrder:
@@ -63,62 +55,83 @@ def eval_order(indices: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [keys[i:i + batch_size] for i in range(0, padded, batch_size)]
 
 
-def _loader(source: Source, image_size: int, **image_options):
-    """index -> (image, target, index, mask) with load_image; a PAD index gives a masked blank."""
+def _loader(source: Source, image_size: int, masked: bool, **image_options):
+    """index -> {image, target, index[, mask]} by load_image; a PAD index gives a masked blank."""
     blank = np.zeros((image_size, image_size, 3), np.float32)
 
-    def load(index):
+    def load(index) -> dict:
         index = int(index)
         if index == PAD:
-            return blank, np.float32(0), np.int32(PAD), np.float32(0)
+            return {"image": blank, "target": np.float32(0), "index": np.int32(PAD), "mask": np.float32(0)}
         record = source[index]
-        image = load_image(record["image"], image_size, name=f"{source.name} {record['file_name']}",
-                           **image_options)
-        return image, np.float32(record["target"]), np.int32(index), np.float32(1)
+        name = f"{source.name} {record['file_name']}"
+        example = {"image": load_image(record["image"], image_size, name=name, **image_options),
+                   "target": np.float32(record["target"]), "index": np.int32(index)}
+        return {**example, "mask": np.float32(1)} if masked else example
 
     return load
 
 
-def _batches(keys, load, image_size: int, local_batch: int, prefetch: int, with_mask: bool):
-    """tf.data: the dataset of indices `keys` -> parallel load -> batch -> prefetch, as numpy dicts."""
-    import tensorflow as tf
+class ParallelBatches:
+    """Ordered parallel loading: the examples of the next `prefetch` batches of `keys` (an iterable
+    of index arrays) load on a pool of threads and are stacked into numpy batches in order; memory
+    stays bounded by `prefetch` batches. An error while loading is raised by `next`."""
 
+    def __init__(self, keys: Iterable[np.ndarray], load, threads: Optional[int] = None, prefetch: int = 2):
+        self._keys, self._load, self._prefetch = iter(keys), load, max(1, prefetch)
+        self._pool = ThreadPoolExecutor(threads or len(os.sched_getaffinity(0)), thread_name_prefix="dpiqa-data")
+        self._pending: collections.deque = collections.deque()
+        self._fill()
 
-    def fetch(key):
-        image, target, index, mask = tf.numpy_function(load, [key], (tf.float32, tf.float32, tf.int32, tf.float32),
-                                                       stateful=False)
-        image.set_shape((image_size, image_size, 3))
-        example = {"image": image, "target": tf.ensure_shape(target, ()), "index": tf.ensure_shape(index, ())}
-        if with_mask:
-            example["mask"] = tf.ensure_shape(mask, ())
-        return example
-
-    dataset = keys.map(fetch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    dataset = dataset.batch(local_batch, drop_remainder=True).prefetch(prefetch)
-    return dataset.as_numpy_iterator()
-
-
-class TrainBatches:
-    """Infinite host-local train batches {'image', 'target', 'index'}; resumable: `state()` gives
-    the position (the number of batches handed out) and `restore(state)` continues from there."""
-
-    def __init__(self, source: Source, indices: np.ndarray, *, batch_size: int, image_size: int, seed: int,
-                 process_index: int, process_count: int, step: int = 0, prefetch: int = 2, **image_options):
-        self._local = _local_batch(batch_size, process_count)
-        self._order = TrainOrder(indices, seed, batch_size)
-        self._share = slice(process_index * self._local, (process_index + 1) * self._local)
-        self._load = _loader(source, image_size, **image_options)
-        self._image_size, self._prefetch = image_size, prefetch
-        self.restore({"step": step})
-
-    def _keys(self, step) -> np.ndarray:
-        return self._order(step)[self._share]
+    def _fill(self) -> None:
+        while len(self._pending) < self._prefetch:
+            keys = next(self._keys, None)
+            if keys is None:
+                return
+            self._pending.append([self._pool.submit(self._load, key) for key in keys])
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        batch = next(self._iterator)
+        if not self._pending:
+            self.close()
+            raise StopIteration
+        futures = self._pending.popleft()
+        self._fill()
+        examples = [f.result() for f in futures]
+        return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+
+    def close(self) -> None:
+        self._pending.clear()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class TrainBatches:
+    """Infinite host-local train batches {'image', 'target', 'index'}; resumable: `state()` is the
+    position (the number of batches handed out) and `restore(state)` continues from there."""
+
+    def __init__(self, source: Source, indices: np.ndarray, *, batch_size: int, image_size: int, seed: int,
+                 process_index: int, process_count: int, step: int = 0, threads: Optional[int] = None,
+                 prefetch: int = 2, **image_options):
+        local = _local_batch(batch_size, process_count)
+        self._order = TrainOrder(indices, seed, batch_size)
+        self._share = slice(process_index * local, (process_index + 1) * local)
+        self._load = _loader(source, image_size, False, **image_options)
+        self._threads, self._prefetch = threads, prefetch
+        self._batches: Optional[ParallelBatches] = None
+        self.restore({"step": step})
+
+    def _keys(self, step: int) -> Iterator[np.ndarray]:
+        while True:
+            yield self._order(step)[self._share]
+            step += 1
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self._batches)
         self.step += 1
         return batch
 
@@ -126,12 +139,27 @@ class TrainBatches:
         return {"step": self.step}
 
     def restore(self, state: dict) -> None:
-        import tensorflow as tf
-
+        self.close()
         self.step = int(state["step"])
-        steps = tf.data.Dataset.counter(self.step)  # keys are computed in order, one step at a time
-        keys = steps.map(lambda t: tf.numpy_function(self._keys, [t], tf.int64, stateful=False)).unbatch()
-        self._iterator = _batches(keys, self._load, self._image_size, self._local, self._prefetch, False)
+        self._batches = ParallelBatches(self._keys(self.step), self._load, self._threads, self._prefetch)
+
+    def close(self) -> None:
+        if self._batches is not None:
+            self._batches.close()
+
+
+def _processes(process_index: Optional[int], process_count: Optional[int]) -> tuple[int, int]:
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if not 0 <= index < count:
+        raise DatasetError(f"process index {index} is not in [0, {count})")
+    return index, count
+
+
+def _local_batch(batch_size: int, process_count: int) -> int:
+    if batch_size < 1 or batch_size % process_count:
+        raise DatasetError(f"batch size {batch_size} must be a positive multiple of the {process_count} processes")
+    return batch_size // process_count
 
 
 def _setup(name, split, data_dir, manual_dir, process_index, process_count):
@@ -143,38 +171,39 @@ def _setup(name, split, data_dir, manual_dir, process_index, process_count):
 def train_batches(name, split: Union[str, SplitSpec] = "random", *, batch_size: int, image_size: int = 512,
                   seed: int = 0, data_dir: Optional[str] = None, manual_dir: Optional[str] = None,
                   process_index: Optional[int] = None, process_count: Optional[int] = None, start_step: int = 0,
-                  prefetch: int = 2, draft: bool = True, exif: bool = True) -> TrainBatches:
+                  threads: Optional[int] = None, prefetch: int = 2, draft: bool = True,
+                  exif: bool = True) -> TrainBatches:
     """Infinite host-local batches {'image': float32 (b, S, S, 3), 'target': float32 (b,), 'index':
-    int32 (b,)} of the train part of `split`, b = batch_size (global) / process_count; shuffled per
-    epoch by `seed`, remainders dropped. Prepares the dataset first if needed (single process).
-    `draft` and `exif` go to load_image."""
+    int32 (b,)} of the train part of `split` (splits.py), b = batch_size (global) / process_count;
+    shuffled per epoch by `seed`, each epoch's remainder dropped; `start_step` resumes a run.
+    Prepares the dataset first if needed (single process only). `threads` defaults to the cores
+    this process may use; `draft` and `exif` go to load_image."""
     source, parts, index, count = _setup(name, split, data_dir, manual_dir, process_index, process_count)
     return TrainBatches(source, parts["train"], batch_size=batch_size, image_size=image_size, seed=seed,
-                        process_index=index, process_count=count, step=start_step, prefetch=prefetch,
-                        draft=draft, exif=exif)
+                        process_index=index, process_count=count, step=start_step, threads=threads,
+                        prefetch=prefetch, draft=draft, exif=exif)
 
 
 def eval_batches(name, split: Union[str, SplitSpec] = "random", *, batch_size: int, part: str = "test",
                  image_size: int = 512, data_dir: Optional[str] = None, manual_dir: Optional[str] = None,
-                 process_index: Optional[int] = None, process_count: Optional[int] = None, prefetch: int = 2,
-                 draft: bool = True, exif: bool = True) -> Iterator[dict]:
-    """Host-local batches of `part` of `split` with 'mask' (1 for an image, 0 for padding): the
-    last global batch is padded, so over all processes and devices every image is scored exactly
-    once. Every process gets the same number of batches."""
+                 process_index: Optional[int] = None, process_count: Optional[int] = None,
+                 threads: Optional[int] = None, prefetch: int = 2, draft: bool = True,
+                 exif: bool = True) -> ParallelBatches:
+    """Host-local batches of `part` of `split`, as train_batches plus 'mask' (1 for an image, 0 for
+    padding): the last global batch is padded, so that over all processes and devices every image
+    is scored exactly once. Every process gets the same number of batches."""
     source, parts, index, count = _setup(name, split, data_dir, manual_dir, process_index, process_count)
     if part not in parts:
         raise DatasetError(f"{source.name} split {split}: no part {part!r} (parts: {sorted(parts)})")
     local = _local_batch(batch_size, count)
     share = slice(index * local, (index + 1) * local)
-    keys = np.concatenate([batch[share] for batch in eval_order(parts[part], batch_size)])
-    load = _loader(source, image_size, draft=draft, exif=exif)
-    import tensorflow as tf
-
-    return _batches(tf.data.Dataset.from_tensor_slices(keys), load, image_size, local, prefetch, True)
+    keys = [batch[share] for batch in eval_order(parts[part], batch_size)]
+    return ParallelBatches(keys, _loader(source, image_size, True, draft=draft, exif=exif), threads, prefetch)
 
 
 def to_global(batch: dict, mesh: Mesh, axis: Union[str, tuple[str, ...]] = "data") -> dict:
-    """Host-local numpy batches -> jax global arrays whose batch dimension is sharded over `axis`."""
+    """Host-local numpy batches -> jax global arrays whose batch dimension is sharded over `axis`
+    (a mesh axis name or a tuple of them, e.g. ('data', 'fsdp'))."""
     sharding = NamedSharding(mesh, PartitionSpec(axis))
     return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
             for key, value in batch.items()}
