@@ -13,7 +13,10 @@ from dpiqa_jax.teacher import teacher_config_to_dict
 AUTHORS_DECODER = {"width": 512, "reduction": 16, "score_channels": (128, 32, 8), "fc_width": 512}
 
 
-def model_arch(cfg: TeacherConfig = TeacherConfig(), decoder: dict = AUTHORS_DECODER) -> dict:
+SD15_TEACHER = TeacherConfig()
+
+
+def model_arch(cfg: TeacherConfig = SD15_TEACHER, decoder: dict = AUTHORS_DECODER) -> dict:
     return teacher_config_to_dict(cfg) | {"decoder": dict(decoder)}
 
 

@@ -60,7 +60,8 @@ def make_live_challenge(root: Path, n: int = 12) -> Path:
 
     assert n > 7, "the first 7 images are the training images"
     base = root / "ChallengeDB_release"
-    names = [f"t{i + 1}.bmp" for i in range(7)] + [f"{i}.JPG" if i % 2 else f"{i}.bmp" for i in range(8, n + 1)]
+    names = [f"t{i + 1}.bmp" for i in range(7)]
+    names += [f"{i}.JPG" if i % 2 else f"{i}.bmp" for i in range(8, n + 1)]
     cells = np.empty((n, 1), dtype=object)
     for i, name in enumerate(names):
         cells[i, 0] = np.array([name])
@@ -80,7 +81,7 @@ def make_flive(root: Path, n: int = 10, official: bool = False) -> Path:
     with open(root / "labels_image.csv", "w", newline="") as f:
         out = csv.writer(f)
         out.writerow(["name", "mos", "height", "width"])
-        for i, (name, mos) in enumerate(zip(names, scores(n))):
+        for i, (name, mos) in enumerate(zip(names, scores(n), strict=True)):
             out.writerow([name, mos, 30, 40])
             write_image(root / "database" / name, seed=i)
     if official:

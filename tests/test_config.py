@@ -11,7 +11,8 @@ CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 @pytest.mark.parametrize("name", ["koniq10k", "live_challenge", "flive", "spaq", "demo", "demo:smoke"])
 def test_every_config_loads_locked(name):
-    config = config_util.load_config(str(CONFIGS / name.split(":")[0]) + ".py" + name[len(name.split(":")[0]):])
+    file, _, arg = name.partition(":")
+    config = config_util.load_config(f"{CONFIGS / file}.py" + (f":{arg}" if arg else ""))
     assert config.is_locked
     with pytest.raises(AttributeError):
         config.no_such_key = 1

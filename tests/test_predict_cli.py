@@ -61,3 +61,19 @@ def test_predict_reports_a_bad_key_in_one_line(authors_files):
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "broken.pth" in lines[0] and "QFD.fc1.weight" in lines[0]
+
+
+def test_embed_prompts_command_writes_the_prompt_matrix(tmp_path):
+    from fixtures import write_tiny_clip_folder
+
+    from dpiqa_jax.prompts import embed_prompts
+
+    folder = write_tiny_clip_folder(tmp_path / "clip")
+    result = dpiqa_jax("embed-prompts", "--clip", folder, "--output", tmp_path / "e.npy", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    written = np.load(tmp_path / "e.npy")
+    assert written.shape == (1485, 32)
+    np.testing.assert_allclose(written, embed_prompts(folder), rtol=1e-5, atol=1e-6)
+    missing = dpiqa_jax("embed-prompts", "--clip", tmp_path / "nowhere", "--output", tmp_path / "x.npy",
+                        cwd=tmp_path)
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1

@@ -1,12 +1,17 @@
 """Datasets and input pipeline. Importing this package registers the TFDS builders `koniq10k`,
-`live_challenge` (configs `standard`, `all`), `flive`, `spaq` and `synthetic_iqa`."""
+`live_challenge` (configs `standard`, `all`), `flive`, `spaq` and `synthetic_iqa` (configs
+`default`, `tiny`, or any SyntheticConfig)."""
 from dpiqa_jax.data.errors import DatasetError
 from dpiqa_jax.data.flive import Flive
 from dpiqa_jax.data.images import ImageError, load_image
 from dpiqa_jax.data.koniq10k import Koniq10k
 from dpiqa_jax.data.live_challenge import LiveChallenge
+from dpiqa_jax.data.pipeline import eval_batches, to_global, train_batches
+from dpiqa_jax.data.source import prepare
 from dpiqa_jax.data.spaq import Spaq
+from dpiqa_jax.data.splits import SplitSpec, parse_split
 from dpiqa_jax.data.synthetic_iqa import SyntheticConfig, SyntheticIqa
 
-__all__ = ["DatasetError", "Flive", "ImageError", "Koniq10k", "LiveChallenge", "Spaq", "SyntheticConfig",
-           "SyntheticIqa", "load_image"]
+__all__ = ["DatasetError", "Flive", "ImageError", "Koniq10k", "LiveChallenge", "Spaq", "SplitSpec",
+           "SyntheticConfig", "SyntheticIqa", "eval_batches", "load_image", "parse_split", "prepare",
+           "to_global", "train_batches"]

@@ -43,14 +43,14 @@ def iqa_features(**extra) -> tfds.features.FeaturesDict:
     })
 
 
-def finite(value, where: str, what: str = "MOS") -> float:
+def finite(value, where: str) -> float:
     """`value` as a finite float, else a DatasetError naming `where` (file and row)."""
     try:
         number = float(value)
     except (TypeError, ValueError):
         number = math.nan
     if not math.isfinite(number):
-        raise DatasetError(f"{where}: {what} {value!r} is not a finite number")
+        raise DatasetError(f"{where}: MOS {value!r} is not a finite number")
     return number
 
 
@@ -83,17 +83,14 @@ class IqaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         """One TFDS split per official part; records the indices of each in the metadata."""
         self.info.metadata[SPLIT_INDICES] = split_indices(rows)
         by_part: dict[str, list[tuple[Row, object]]] = {}
-        for row, image in zip(rows, images):
+        for row, image in zip(rows, images, strict=True):
             by_part.setdefault(row.part, []).append((row, image))
         return {part: self._generate_examples(pairs) for part, pairs in by_part.items()}
 
     def _generate_examples(self, pairs: Iterable[tuple[Row, object]]):
         for row, image in pairs:
-            yield row.index, self._example(row, image)
-
-    def _example(self, row: Row, image) -> dict:
-        return {"image": image, "mos": row.mos, "target": row.mos / 100.0, "file_name": row.name,
-                "index": row.index}
+            yield row.index, {"image": image, "mos": row.mos, "target": row.mos / 100.0,
+                              "file_name": row.name, "index": row.index}
 
 
 class ManualIqaBuilder(IqaBuilder, skip_registration=True):
@@ -106,7 +103,8 @@ class ManualIqaBuilder(IqaBuilder, skip_registration=True):
 
     @classmethod
     def instructions(cls) -> str:
-        return f"{cls.DOWNLOAD}, and unpack it so that `{cls.LABEL_FILE}` is in the manual folder"
+        return (f"{cls.DOWNLOAD}, and unpack it in the manual folder (`{cls.LABEL_FILE}` may be in a "
+                "subfolder)")
 
     def _read_rows(self, label_file: Path) -> list[Row]:
         raise NotImplementedError
@@ -143,15 +141,16 @@ class ManualIqaBuilder(IqaBuilder, skip_registration=True):
                 missing.append(row.name)
             paths.append(path)
         if missing:
-            raise DatasetError(f"{self.name}: {len(missing)} of the {len(rows)} images listed in {label_file} "
-                               f"are not in {' or '.join(folders)}: {', '.join(missing)}")
+            raise DatasetError(f"{self.name}: {len(missing)} of the {len(rows)} images listed in "
+                               f"{label_file} are not in {' or '.join(folders)}: {', '.join(missing)}")
         return paths
 
 
 def read_csv(label_file: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """(header, [(line number, cells)]) of a CSV file, skipping blank lines as pandas does."""
     with open(label_file, newline="", encoding="utf-8-sig") as f:
-        lines = [(n, cells) for n, cells in enumerate(csv.reader(f), start=1) if any(c.strip() for c in cells)]
+        lines = [(n, cells) for n, cells in enumerate(csv.reader(f), start=1)
+                 if any(c.strip() for c in cells)]
     if not lines:
         raise DatasetError(f"{label_file}: empty label file")
     return lines[0][1], lines[1:]

@@ -76,7 +76,7 @@ def _open(source: ImageSource, name: str) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name}: too many pixels ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{name}: corrupt image header ({_one_line(e)})") from None
+        raise ImageError(f"{name}: {_reason(e, 'corrupt image header')} ({_one_line(e)})") from None
 
 
 def _draft(image: Image.Image, size: int) -> int:
@@ -93,8 +93,7 @@ def _decode(image: Image.Image, name: str) -> None:
     try:
         image.load()
     except OSError as e:
-        reason = "truncated file" if "truncated" in str(e) else "corrupt image data"
-        raise ImageError(f"{name}: {reason} ({_one_line(e)})") from None
+        raise ImageError(f"{name}: {_reason(e, 'corrupt image data')} ({_one_line(e)})") from None
     except (SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"{name}: corrupt image data ({_one_line(e)})") from None
 
@@ -123,6 +122,10 @@ def _to_rgb(image: Image.Image, name: str) -> Image.Image:
         return image.convert("RGB")
     except ValueError as e:
         raise ImageError(f"{name}: cannot convert {image.mode} image to RGB ({_one_line(e)})") from None
+
+
+def _reason(error: Exception, otherwise: str) -> str:
+    return "truncated file" if "truncated" in str(error).lower() else otherwise
 
 
 def _one_line(error: Exception) -> str:

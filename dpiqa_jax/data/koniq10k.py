@@ -32,5 +32,6 @@ class Koniq10k(ManualIqaBuilder):
             official = _PARTS.get(cell(cells, part, where))
             if official is None:
                 raise DatasetError(f"{where}: set {cells[part]!r} is not one of {sorted(_PARTS)}")
-            rows.append(Row(index, cell(cells, name, where), finite(cell(cells, mos, where), where), official))
+            score = finite(cell(cells, mos, where), where)
+            rows.append(Row(index, cell(cells, name, where), score, official))
         return rows

@@ -39,7 +39,8 @@ class LiveChallenge(ManualIqaBuilder):
             raise DatasetError(f"{self.name}: label file {mos_file} not found: {self.instructions()}")
         scores = _mat(mos_file, MOS_KEY).ravel()
         if len(scores) != len(names):
-            raise DatasetError(f"{mos_file}: {len(scores)} scores for the {len(names)} images of {label_file}")
+            raise DatasetError(f"{mos_file}: {len(scores)} scores for the {len(names)} images of "
+                               f"{label_file}")
         first = TRAINING_IMAGES if self.builder_config.name == "standard" else 0
         return [Row(i, names[i], finite(scores[i], f"{mos_file} entry {i + 1} ({names[i]})"))
                 for i in range(first, len(names))]

@@ -36,7 +36,8 @@ class TrainOrder:
     def __init__(self, indices: np.ndarray, seed: int, batch_size: int):
         self.per_epoch = len(indices) // batch_size
         if self.per_epoch == 0:
-            raise DatasetError(f"the train split has {len(indices)} images, fewer than one batch of {batch_size}")
+            raise DatasetError(f"the train split has {len(indices)} images, fewer than one batch of "
+                               f"{batch_size}")
         self._indices, self._seed, self._batch_size = np.asarray(indices, np.int64), seed, batch_size
         self._epoch, self._order = None, None
 
@@ -64,7 +65,7 @@ def _loader(source: Source, image_size: int, masked: bool, **image_options):
         if index == PAD:
             return {"image": blank, "target": np.float32(0), "index": np.int32(PAD), "mask": np.float32(0)}
         record = source[index]
-        name = f"{source.name} {record['file_name']}"
+        name = f"{source.name} {record['file_name'].decode()}"
         example = {"image": load_image(record["image"], image_size, name=name, **image_options),
                    "target": np.float32(record["target"]), "index": np.int32(index)}
         return {**example, "mask": np.float32(1)} if masked else example
@@ -79,7 +80,8 @@ class ParallelBatches:
 
     def __init__(self, keys: Iterable[np.ndarray], load, threads: Optional[int] = None, prefetch: int = 2):
         self._keys, self._load, self._prefetch = iter(keys), load, max(1, prefetch)
-        self._pool = ThreadPoolExecutor(threads or len(os.sched_getaffinity(0)), thread_name_prefix="dpiqa-data")
+        threads = threads or len(os.sched_getaffinity(0))
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="dpiqa-data")
         self._pending: collections.deque = collections.deque()
         self._fill()
 
@@ -158,7 +160,8 @@ def _processes(process_index: Optional[int], process_count: Optional[int]) -> tu
 
 def _local_batch(batch_size: int, process_count: int) -> int:
     if batch_size < 1 or batch_size % process_count:
-        raise DatasetError(f"batch size {batch_size} must be a positive multiple of the {process_count} processes")
+        raise DatasetError(f"batch size {batch_size} must be a positive multiple of the {process_count} "
+                           "processes")
     return batch_size // process_count
 
 
@@ -170,8 +173,8 @@ def _setup(name, split, data_dir, manual_dir, process_index, process_count):
 
 def train_batches(name, split: Union[str, SplitSpec] = "random", *, batch_size: int, image_size: int = 512,
                   seed: int = 0, data_dir: Optional[str] = None, manual_dir: Optional[str] = None,
-                  process_index: Optional[int] = None, process_count: Optional[int] = None, start_step: int = 0,
-                  threads: Optional[int] = None, prefetch: int = 2, draft: bool = True,
+                  process_index: Optional[int] = None, process_count: Optional[int] = None,
+                  start_step: int = 0, threads: Optional[int] = None, prefetch: int = 2, draft: bool = True,
                   exif: bool = True) -> TrainBatches:
     """Infinite host-local batches {'image': float32 (b, S, S, 3), 'target': float32 (b,), 'index':
     int32 (b,)} of the train part of `split` (splits.py), b = batch_size (global) / process_count;

@@ -10,9 +10,12 @@ from dpiqa_jax.data.errors import DatasetError
 NAMES = ("koniq10k", "live_challenge", "flive", "spaq", "synthetic_iqa")
 
 
-def builder(name: Union[str, tfds.core.DatasetBuilder], data_dir: Optional[str] = None) -> tfds.core.DatasetBuilder:
+Builder = tfds.core.DatasetBuilder
+
+
+def builder(name: Union[str, Builder], data_dir: Optional[str] = None) -> Builder:
     """The TFDS builder of `name` ('koniq10k', 'live_challenge/all', ...) or `name` itself."""
-    if isinstance(name, tfds.core.DatasetBuilder):
+    if isinstance(name, Builder):
         return name
     import dpiqa_jax.data  # noqa: F401  (registers the builders)
 
@@ -23,7 +26,7 @@ def builder(name: Union[str, tfds.core.DatasetBuilder], data_dir: Optional[str] 
         raise DatasetError(f"unknown dataset {name!r} (ours: {', '.join(NAMES)}): {reason}") from None
 
 
-def prepare(name, data_dir: Optional[str] = None, manual_dir: Optional[str] = None) -> tfds.core.DatasetBuilder:
+def prepare(name, data_dir: Optional[str] = None, manual_dir: Optional[str] = None) -> Builder:
     """Build the dataset's records under `data_dir` unless already there; manual-download datasets
     read their files from `manual_dir` (default `<data_dir>/downloads/manual`)."""
     found = builder(name, data_dir)
@@ -36,9 +39,13 @@ def prepare(name, data_dir: Optional[str] = None, manual_dir: Optional[str] = No
 class Source:
     """Records of every split of a prepared dataset, read by `index` (image bytes undecoded)."""
 
-    def __init__(self, prepared: tfds.core.DatasetBuilder):
+    def __init__(self, prepared: Builder):
         self.name = prepared.info.full_name
-        self.parts = {part: np.asarray(ids, np.int64) for part, ids in prepared.info.metadata[SPLIT_INDICES].items()}
+        split_indices = (prepared.info.metadata or {}).get(SPLIT_INDICES)
+        if split_indices is None:
+            raise DatasetError(f"{self.name} under {prepared.data_dir} has no '{SPLIT_INDICES}' metadata: it "
+                               "was not built by dpiqa_jax's builder: delete that folder, prepare it again")
+        self.parts = {part: np.asarray(ids, np.int64) for part, ids in split_indices.items()}
         self._records = {part: prepared.as_data_source(part, decoders={"image": tfds.decode.SkipDecoding()})
                          for part in self.parts}
         self._where = {int(i): (part, pos) for part, ids in self.parts.items() for pos, i in enumerate(ids)}
@@ -50,8 +57,9 @@ class Source:
         part, position = self._where[int(index)]
         record = self._records[part][position]
         if int(record["index"]) != int(index):
-            raise DatasetError(f"{self.name}: record {position} of split {part!r} holds index {record['index']}, "
-                               f"not {index}: the prepared files do not match their metadata; rebuild them")
+            raise DatasetError(f"{self.name}: record {position} of split {part!r} holds index "
+                               f"{record['index']}, not {index}: the prepared files do not match their "
+                               "metadata; rebuild them")
         return record
 
 
@@ -62,7 +70,7 @@ def open_source(name, data_dir: Optional[str] = None, manual_dir: Optional[str] 
     found = builder(name, data_dir)
     if not found.is_prepared():
         if process_count > 1:
-            raise DatasetError(f"{found.info.full_name} is not prepared under {found.data_dir}: prepare it once "
-                               "(dpiqa_jax.data.source.prepare) before a multi-process run")
+            raise DatasetError(f"{found.info.full_name} is not prepared under {found.data_dir}: prepare it "
+                               "once (dpiqa_jax.data.source.prepare) before a multi-process run")
         found = prepare(found, manual_dir=manual_dir)
     return Source(found)

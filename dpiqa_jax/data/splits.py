@@ -71,7 +71,8 @@ def hash_order(values: np.ndarray, *key: int) -> np.ndarray:
     return values[np.argsort(np.asarray(ranks, dtype=np.uint64), kind="stable")]
 
 
-def resolve(split: Union[str, SplitSpec], parts: Mapping[str, np.ndarray], dataset: str) -> dict[str, np.ndarray]:
+def resolve(split: Union[str, SplitSpec], parts: Mapping[str, np.ndarray],
+            dataset: str) -> dict[str, np.ndarray]:
     """{'train': sorted indices, 'test': sorted indices, ...} of `dataset`, whose TFDS splits hold
     `parts` (split name -> indices). An official split also returns its other parts by name."""
     spec = parse_split(split)
@@ -122,7 +123,8 @@ def read_indices(path: Union[str, Path]) -> np.ndarray:
     except DatasetError:
         raise
     except Exception as e:  # each reader raises its own types; the message says which file
-        raise DatasetError(f"{path}: not an index file ({type(e).__name__}: {' '.join(str(e).split())})") from None
+        reason = " ".join(str(e).split())
+        raise DatasetError(f"{path}: not an index file ({type(e).__name__}: {reason})") from None
     if array.size and array.min() < 0:
         raise DatasetError(f"{path}: negative index {array.min()}")
     return array.astype(np.int64)

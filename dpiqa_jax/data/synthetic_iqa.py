@@ -1,11 +1,14 @@
 """synthetic_iqa: a built-in IQA dataset that needs no download (the default of the demo training).
 
-Reference photos are the natural images that scikit-image ships (offline, in its wheel). Each
-example is a random square crop of one reference, resized to `image_size`, degraded by one of
-seven distortions at a continuous strength s ~ U(0, 1); its quality label is the SSIM (Wang et
-al. 2004: Gaussian window, sigma 1.5, over the RGB channels, scikit-image) between the distorted
-and the clean crop. Each distortion's parameter is shaped so that the mean SSIM falls smoothly
-and roughly linearly from 1 to 0.1-0.5 as s goes from 0 to 1. Train and test use disjoint photos.
+Reference photos are the natural images that scikit-image ships in its wheel (read offline).
+Each example is a crop of one photo (log-uniform from 2x `image_size` to the whole photo, turned
+or flipped at random), resized to `image_size` and stretched to full levels 0-1 (so that every
+reference is well exposed and a darkened, brightened or flattened image can be told as such from
+the image alone), then degraded by one of six distortions at a continuous strength s ~ U(0, 1).
+Its quality label is the SSIM (Wang et al. 2004: Gaussian window, sigma 1.5, over the RGB
+channels, scikit-image) between the stored distorted image and the clean crop. Each distortion's
+parameter is shaped so that the mean SSIM falls smoothly, roughly linearly, from 1 to 0.1-0.5 as
+s goes from 0 to 1. Train and test use disjoint photos (12 and 5).
 """
 import dataclasses
 import functools
@@ -21,15 +24,16 @@ from dpiqa_jax.data.base import SPLIT_INDICES, IqaBuilder, iqa_features
 TRAIN_REFERENCES = ("astronaut", "coffee", "camera", "moon", "grass", "brick", "cell", "page",
                     "hubble_deep_field", "immunohistochemistry", "retina", "motorcycle")
 TEST_REFERENCES = ("chelsea", "rocket", "coins", "gravel", "text")
-DISTORTIONS = ("blur", "noise", "jpeg", "contrast", "brighten", "darken", "pixelate")
-MIN_CROP = 0.4  # crops span 40-100% of the photo's shorter side (never below image_size if it can)
+DISTORTIONS = ("blur", "noise", "jpeg", "contrast", "brighten", "darken")
+MIN_ZOOM = 2  # crops are at least 2x image_size (when the photo allows): downscaling hides its own flaws
+MIN_SPAN = 0.25  # a reference crop's 1-99% levels must span this much (no flat sky or black space)
 
 
 @dataclasses.dataclass(eq=False)
 class SyntheticConfig(tfds.core.BuilderConfig):
-    num_train: int = 2000
-    num_test: int = 500
-    image_size: int = 128
+    num_train: int = 4000
+    num_test: int = 1000
+    image_size: int = 64  # the labels are computed at this size: train at it for the cleanest task
     seed: int = 0
 
 
@@ -44,15 +48,29 @@ def reference_photo(name: str) -> np.ndarray:
 
 
 def random_crop(photo: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A square crop from MIN_ZOOM x size pixels to the whole shorter side (log-uniform, so small
+    details and whole scenes are both common), turned and flipped at random, resized to size."""
     height, width = photo.shape[:2]
     short = min(height, width)
-    low = min(1.0, max(MIN_CROP, size / short))
-    side = int(round(short * rng.uniform(low, 1.0)))
+    side = int(round(np.exp(rng.uniform(np.log(min(short, MIN_ZOOM * size)), np.log(short)))))
     top, left = rng.integers(0, height - side + 1), rng.integers(0, width - side + 1)
     crop = Image.fromarray(photo[top:top + side, left:left + side])
-    if rng.random() < 0.5:
-        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return _float(crop.resize((size, size), Image.Resampling.BICUBIC))
+    crop = crop.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    turn = int(rng.integers(1 + len(Image.Transpose)))  # identity, flips, rotations, transpositions
+    crop = crop.transpose(Image.Transpose(turn - 1)) if turn else crop
+    return _float(crop)
+
+
+def clean_crop(photo: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A random crop with some detail (its 1-99% levels span >= MIN_SPAN; else another crop),
+    stretched to levels 0-1: all references are well exposed, so a darkened, brightened or
+    flattened image can be told from the image alone, as a viewer would."""
+    for _ in range(20):
+        crop = random_crop(photo, size, rng)
+        low, high = np.percentile(crop, [1, 99])
+        if high - low >= MIN_SPAN:
+            break
+    return np.clip((crop - low) / (high - low), 0.0, 1.0).astype(np.float32)
 
 
 def distort(image: np.ndarray, kind: str, s: float, rng: np.random.Generator) -> np.ndarray:
@@ -74,10 +92,6 @@ def distort(image: np.ndarray, kind: str, s: float, rng: np.random.Generator) ->
         return np.clip(image * (1 + 3 * s**1.3), 0, 1)
     if kind == "darken":
         return image * (1 - 0.9 * s**0.7)
-    if kind == "pixelate":
-        cells = max(1, int(round(size / (1 + 7 * s**1.3))))
-        small = _uint8(image).resize((cells, cells), Image.Resampling.BOX)
-        return _float(small.resize((size, size), Image.Resampling.NEAREST))
     raise ValueError(f"unknown distortion {kind!r}; known: {DISTORTIONS}")
 
 
@@ -91,7 +105,7 @@ def quality(clean: np.ndarray, distorted: np.ndarray) -> float:
 def make_example(index: int, reference: str, config: SyntheticConfig) -> dict:
     """Example `index` (a function of the seed and index alone, so any subset rebuilds the same)."""
     rng = np.random.default_rng([config.seed, index])
-    clean = random_crop(reference_photo(reference), config.image_size, rng)
+    clean = clean_crop(reference_photo(reference), config.image_size, rng)
     kind, s = DISTORTIONS[rng.integers(len(DISTORTIONS))], float(rng.uniform())
     distorted = _uint8(distort(clean, kind, s, rng))  # stored as 8-bit PNG: score what is stored
     score = quality(clean, _float(distorted))
@@ -107,11 +121,8 @@ class SyntheticIqa(IqaBuilder):
     Splits `train` and `test` (disjoint photos); `index` runs over train, then test."""
 
     DESCRIPTION = __doc__
-    VERSION = tfds.core.Version("1.0.0")
     BUILDER_CONFIGS = [
-        SyntheticConfig(name="default", description="2,000 train / 500 test images of 128 px"),
-        SyntheticConfig(name="small", num_train=400, num_test=100, image_size=64,
-                        description="400 train / 100 test images of 64 px"),
+        SyntheticConfig(name="default", description="4,000 train / 1,000 test images of 64 px"),
         SyntheticConfig(name="tiny", num_train=24, num_test=8, image_size=32, description="for tests"),
     ]
 

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpiqa_jax.models.layers import conv
+from dpiqa_jax.models.layers import conv, score_mlp
 
 Dtype = Any
 CUBIC_A = -0.75  # PyTorch's bicubic coefficient (jax.image.resize uses -0.5)
@@ -85,10 +85,4 @@ class QualityFeatureDecoder(nn.Module):
         x = SEBlock(self.reduction, self.dtype, name="se_fuse")(x)
         for i, channels in enumerate(self.score_channels, start=1):
             x = nn.relu(conv(channels, 1, f"conv_score{i}", self.dtype)(x))
-        feature_map = x
-        # PyTorch flattens (C, H, W): keep that order so the authors' fc1 weights load unchanged.
-        x = feature_map.transpose(0, 3, 1, 2).reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(self.fc_width, dtype=self.dtype, name="fc1")(x))
-        x = nn.relu(nn.Dense(self.fc_width, dtype=self.dtype, name="fc2")(x))
-        score = nn.Dense(1, dtype=self.dtype, name="fc3")(x)[:, 0]
-        return score, feature_map
+        return score_mlp(x, self.fc_width, self.dtype), x

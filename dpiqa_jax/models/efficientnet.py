@@ -7,7 +7,7 @@ statistics included (collection `batch_stats`). The network stops at the last fe
 """
 import dataclasses
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -17,8 +17,18 @@ from dpiqa_jax.errors import UserError
 
 Dtype = Any
 
-# torchvision's EfficientNet-B0 stages: (expand ratio, kernel, stride, in channels, out channels, blocks).
-_B0_STAGES = (
+
+class Stage(NamedTuple):
+    expand_ratio: int
+    kernel: int
+    stride: int  # of the stage's first block; the others have stride 1
+    in_channels: int
+    out_channels: int
+    blocks: int
+
+
+# torchvision's EfficientNet-B0 stages, which the variants scale.
+_B0_STAGES = tuple(Stage(*s) for s in (
     (1, 3, 1, 32, 16, 1),
     (6, 3, 2, 16, 24, 2),
     (6, 5, 2, 24, 40, 2),
@@ -26,7 +36,7 @@ _B0_STAGES = (
     (6, 5, 1, 80, 112, 3),
     (6, 5, 2, 112, 192, 4),
     (6, 3, 1, 192, 320, 1),
-)
+))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,12 +66,12 @@ def make_divisible(value: float, divisor: int = 8) -> int:
     return rounded + divisor if rounded < 0.9 * value else rounded
 
 
-def stages(variant: str) -> list[tuple[int, int, int, int, int, int]]:
+def stages(variant: str) -> list[Stage]:
     """The B0 stages scaled by the variant's width (channels) and depth (blocks per stage)."""
     v = get_variant(variant)
     width = lambda channels: make_divisible(channels * v.width)
-    return [(e, k, s, width(cin), width(cout), int(math.ceil(n * v.depth)))
-            for e, k, s, cin, cout, n in _B0_STAGES]
+    return [s._replace(in_channels=width(s.in_channels), out_channels=width(s.out_channels),
+                       blocks=int(math.ceil(s.blocks * v.depth))) for s in _B0_STAGES]
 
 
 def get_variant(name: str) -> Variant:
@@ -74,7 +84,8 @@ class BatchNorm(nn.Module):
     """PyTorch's BatchNorm2d: running statistics in eval mode; batch statistics (biased variance) in
     training, with running averages updated in PyTorch's convention. Flax's BatchNorm averages the
     biased batch variance, PyTorch the unbiased one: matching PyTorch keeps fine-tuning from
-    torchvision's statistics identical. Statistics are computed in float32 at least."""
+    torchvision's statistics identical. Statistics are computed in float32 at least; under jit with
+    a batch-sharded input they are the global batch's."""
 
     eps: float
     momentum: float
@@ -184,13 +195,15 @@ class EfficientNet(nn.Module):
         v = get_variant(self.variant)
         norm = {"eps": v.bn_eps, "momentum": v.bn_momentum, "dtype": self.dtype}
         config = stages(self.variant)
-        x = ConvNormAct(config[0][3], 3, stride=2, name="features.0", **norm)(x.astype(self.dtype), train)
-        total, block_id = sum(c[-1] for c in config), 0
-        for i, (expand, kernel, stride, _, out, blocks) in enumerate(config, start=1):
-            for j in range(blocks):
+        stem = ConvNormAct(config[0].in_channels, 3, stride=2, name="features.0", **norm)
+        x = stem(x.astype(self.dtype), train)
+        total, block_id = sum(s.blocks for s in config), 0
+        for i, s in enumerate(config, start=1):
+            for j in range(s.blocks):
                 # torchvision's linear schedule: 0 for the first block, towards the full probability.
                 drop = self.stochastic_depth_prob * block_id / total
-                x = MBConv(out, expand, kernel, stride if j == 0 else 1, drop, name=f"features.{i}.{j}",
-                           **norm)(x, train)
+                x = MBConv(s.out_channels, s.expand_ratio, s.kernel, s.stride if j == 0 else 1, drop,
+                           name=f"features.{i}.{j}", **norm)(x, train)
                 block_id += 1
-        return ConvNormAct(4 * config[-1][4], 1, name=f"features.{len(config) + 1}", **norm)(x, train)
+        head = ConvNormAct(4 * config[-1].out_channels, 1, name=f"features.{len(config) + 1}", **norm)
+        return head(x, train)

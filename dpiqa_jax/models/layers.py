@@ -7,6 +7,7 @@ Every module and parameter carries the name diffusers gives it (dots included, e
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 Dtype = Any
@@ -75,3 +76,12 @@ class Upsample2D(nn.Module):
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         return conv(self.channels, 3, "conv", self.dtype)(x)
 
+
+def score_mlp(feature_map: jax.Array, width: int, dtype: Dtype) -> jax.Array:
+    """Flatten (C, H, W) as PyTorch does, so that the authors' fc1 loads unchanged, then
+    fc1 -> ReLU -> fc2 -> ReLU -> fc3 -> (B,). Call it inside a compact method: the layers are
+    created in the caller's scope, under the names `fc1`..`fc3`."""
+    x = feature_map.transpose(0, 3, 1, 2).reshape(feature_map.shape[0], -1)
+    x = nn.relu(nn.Dense(width, dtype=dtype, name="fc1")(x))
+    x = nn.relu(nn.Dense(width, dtype=dtype, name="fc2")(x))
+    return nn.Dense(1, dtype=dtype, name="fc3")(x)[:, 0]

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from dpiqa_jax.models.efficientnet import EfficientNet
+from dpiqa_jax.models.layers import score_mlp
 
 Dtype = Any
 
@@ -43,16 +44,6 @@ class ConvTranspose2d(nn.Module):
             padding=((low, low + self.output_padding),) * 2, lhs_dilation=(self.stride, self.stride),
             dimension_numbers=("NHWC", "IOHW", "NHWC"))
         return y + bias.astype(self.dtype)
-
-
-def score_mlp(feature_map: jax.Array, width: int, dtype: Dtype) -> jax.Array:
-    """Flatten (C, H, W) as PyTorch does, so that the authors' fc1 loads unchanged, then
-    fc1 -> ReLU -> fc2 -> ReLU -> fc3 -> (B,). Call it inside a compact method: the layers are
-    created in the caller's scope, under the names `fc1`..`fc3`."""
-    x = feature_map.transpose(0, 3, 1, 2).reshape(feature_map.shape[0], -1)
-    x = nn.relu(nn.Dense(width, dtype=dtype, name="fc1")(x))
-    x = nn.relu(nn.Dense(width, dtype=dtype, name="fc2")(x))
-    return nn.Dense(1, dtype=dtype, name="fc3")(x)[:, 0]
 
 
 class Student(nn.Module):

@@ -38,6 +38,9 @@ class RunCheckpoints:
                          for name in (LATEST,) + BEST}
 
     def save_latest(self, step: int, params, opt_state, meta: dict) -> None:
+        """Saved only once the best checkpoints that `meta` mentions are on disk."""
+        for name in BEST:
+            self.managers[name].wait_until_finished()
         self.managers[LATEST].save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
             meta=ocp.args.JsonSave(meta)))
@@ -59,14 +62,6 @@ class RunCheckpoints:
             params=ocp.args.StandardRestore(abstract_params),
             opt_state=ocp.args.StandardRestore(abstract_opt_state), meta=ocp.args.JsonRestore()))
         return restored.params, restored.opt_state, restored.meta
-
-    def best_meta(self, name: str) -> Optional[dict]:
-        """The meta of a best checkpoint (its step and metrics), or None before the first."""
-        manager = self.managers[name]
-        step = manager.latest_step()
-        if step is None:
-            return None
-        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are on disk; a failed save raises here."""
@@ -161,4 +156,5 @@ def restore_for_inference(path: str, sharding_fn=None):
 
 def with_shardings(abstract_tree, shardings):
     """ShapeDtypeStructs carrying the shardings orbax restores into."""
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings)
+    place = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+    return jax.tree.map(place, abstract_tree, shardings)

@@ -17,7 +17,8 @@ class IQAData:
     def __init__(self, config: ml_collections.ConfigDict, image_size: int, mesh: Mesh):
         ds = config.dataset
         self.mesh, self.image_size = mesh, image_size
-        self.batch_size, self.eval_batch_size, self.seed = config.batch_size, config.eval.batch_size, config.seed
+        self.batch_size, self.eval_batch_size = config.batch_size, config.eval.batch_size
+        self.seed = config.seed
         mesh_lib.batch_size_per_process(mesh, self.batch_size, "batch_size")
         mesh_lib.batch_size_per_process(mesh, self.eval_batch_size, "eval.batch_size")
         self.where = {"data_dir": ds.data_dir, "manual_dir": ds.manual_dir}

@@ -6,7 +6,6 @@ state is saved. Every `eval.every` steps and at the end the test split is scored
 evaluations by SRCC and PLCC are kept as checkpoints, the latest state every `checkpoint.every`.
 """
 import math
-import os
 from typing import Optional
 
 import jax
@@ -15,14 +14,15 @@ import ml_collections
 import numpy as np
 
 from dpiqa_jax import teacher
+from dpiqa_jax.errors import UserError
 from dpiqa_jax.models.dpiqa import DPIQA
 from dpiqa_jax.train import checkpoint as ckpt_lib
-from dpiqa_jax.train import inputs, metrics, schedule
+from dpiqa_jax.train import evaluator, inputs, metrics, schedule
 from dpiqa_jax.train import mesh as mesh_lib
 from dpiqa_jax.train import state as state_lib
 from dpiqa_jax.train.config_util import require_choice, require_existing
 from dpiqa_jax.train.report import Reporter
-from dpiqa_jax.train.step import LATENTS, compile_steps
+from dpiqa_jax.train.step import LATENTS, compile_eval_step, compile_train_step
 
 BEST = {"best_srcc": "srcc", "best_plcc": "plcc"}
 EVAL_SEED = 0x5EED  # eval draws ('sample' latents) use fold_in(PRNGKey(seed), EVAL_SEED), then the batch
@@ -38,16 +38,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
     require_choice(config, "eval.latents", LATENTS)
     require_choice(config, "model.dtype", ("float32", "bfloat16"))
     require_choice(config, "optim.schedule", ("step", "cosine"))
-    for key in ("model.sd_dir", "model.embeddings", "dataset.manual_dir", "dataset.data_dir"):
+    for key in ("model.sd_dir", "model.embeddings", "dataset.manual_dir"):
         require_existing(config, key)
 
 
 def prompt_embeddings(config: ml_collections.ConfigDict, embed_dim: int) -> np.ndarray:
-    if config.model.embeddings:
-        from dpiqa_jax.prompts import load_prompt_embeddings
+    """The file of `model.embeddings`, else the fixed random demo matrix."""
+    if not config.model.embeddings:
+        return teacher.demo_prompt_embeddings(config.model.num_prompts, embed_dim, config.seed)
+    from dpiqa_jax.prompts import load_prompt_embeddings
 
-        return np.asarray(load_prompt_embeddings(config.model.embeddings), np.float32)
-    return teacher.demo_prompt_embeddings(config.model.num_prompts, embed_dim, config.seed)
+    embeddings = np.asarray(load_prompt_embeddings(config.model.embeddings), np.float32)
+    if embeddings.shape[1] != embed_dim:
+        raise UserError(f"config key 'model.embeddings': {config.model.embeddings} holds "
+                        f"{embeddings.shape[1]}-d embeddings; the U-Net's cross_attention_dim is {embed_dim}")
+    return embeddings
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -66,14 +71,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     model = DPIQA(model_cfg, dtype=jnp.dtype(config.model.dtype))
     abstract = state_lib.abstract_state(teacher.param_shapes(model_cfg), tx)
     shardings = state_lib.state_shardings(mesh, abstract)
-    train_step, eval_step = compile_steps(
-        model, tx, mesh, shardings, latent_mode=config.model.latents, eval_latent_mode=config.eval.latents,
-        rank_weight=config.loss.rank_weight)
+    train_step = compile_train_step(model, tx, mesh, shardings, latent_mode=config.model.latents,
+                                    rank_weight=config.loss.rank_weight)
+    eval_step = compile_eval_step(model, mesh, shardings.full_params(), latent_mode=config.eval.latents)
     embeddings_on_mesh = state_lib.place(embeddings, mesh_lib.replicated(mesh))
 
     checkpoints = ckpt_lib.RunCheckpoints(workdir, async_save=config.checkpoint.async_save)
-    state, start = _initial_state(config, model_cfg, tx, abstract, shardings, checkpoints)
-    best = {name: checkpoints.best_meta(name) for name in BEST}
+    state, meta = _initial_state(config, model_cfg, tx, abstract, shardings, checkpoints)
+    start, best = meta["data_position"], meta["best"]
     reporter = Reporter(workdir, total_steps, start, config.batch_size)
     run = _Run(config, data, reporter, checkpoints, eval_step, embeddings_on_mesh, best)
     try:
@@ -88,10 +93,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _initial_state(config, model_cfg, tx, abstract, shardings, checkpoints):
-    """(state, first step): the latest checkpoint if there is one, else a fresh initialisation."""
+    """(state, meta): the latest checkpoint if there is one, else a fresh initialisation."""
     if checkpoints.latest_step() is not None:
-        abstract_params = ckpt_lib.with_shardings(abstract.params | abstract.frozen,
-                                                  shardings.params | shardings.frozen)
+        abstract_params = ckpt_lib.with_shardings(abstract.full_params(), shardings.full_params())
         abstract_opt = ckpt_lib.with_shardings(abstract.opt_state, shardings.opt_state)
         params, opt_state, meta = checkpoints.restore_latest(abstract_params, abstract_opt)
         trainable, frozen = state_lib.split_params(params)
@@ -99,10 +103,12 @@ def _initial_state(config, model_cfg, tx, abstract, shardings, checkpoints):
             step=state_lib.place(jnp.asarray(meta["step"], jnp.int32), shardings.step), params=trainable,
             frozen=frozen, opt_state=opt_state,
             rng=state_lib.place(np.asarray(meta["rng"], np.uint32), shardings.rng))
-        return state, int(meta["data_position"])
-    rng = jax.random.PRNGKey(config.seed)
-    params = teacher.init_teacher_params(model_cfg, jax.random.fold_in(rng, 0), config.model.sd_dir)
-    return state_lib.create_state(params, tx, jax.random.fold_in(rng, 1), shardings), 0
+        return state, meta
+    # XLA's RngBitGenerator compiles in a fraction of threefry's time, which dominates compiling init.
+    init_key = jax.random.key(config.seed, impl="unsafe_rbg")
+    params = teacher.init_teacher_params(model_cfg, init_key, config.model.sd_dir)
+    state = state_lib.create_state(params, tx, jax.random.PRNGKey(config.seed), shardings)
+    return state, {"step": 0, "data_position": 0, "best": {name: None for name in BEST}}
 
 
 class _Run:
@@ -115,7 +121,7 @@ class _Run:
 
     def train(self, state, train_step, start: int, total: int, lr, steps_per_epoch: int):
         cfg = self.config
-        batches = self.data.train_batches(start)
+        batches = self.data.train_batches(start) if start < total else None
         final: Optional[dict] = None
         for step in range(start + 1, total + 1):
             state, step_metrics = train_step(state, next(batches), self.embeddings)
@@ -151,14 +157,10 @@ class _Run:
         self.reporter.write(step, "train", record)
 
     def evaluate(self, state, step: int) -> dict:
-        """Scores the whole eval split, gathers every (unmasked) prediction, computes the metrics,
-        and keeps the best checkpoints."""
+        """Scores the eval split, logs its metrics, and keeps the best checkpoints."""
         key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), EVAL_SEED)
-        outputs = [mesh_lib.host_values(self.eval_step(state, batch, self.embeddings, jax.random.fold_in(key, i)))
-                   for i, batch in enumerate(self.data.eval_batches())]
-        gathered = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
-        keep = gathered["mask"].astype(bool)
-        values = metrics.iqa_metrics(gathered["score"][keep], gathered["target"][keep])
+        values, _ = evaluator.evaluate(self.eval_step, state.full_params(), self.data.eval_batches(),
+                                       self.embeddings, key)
         self.reporter.write(step, "test", values)
         for name, metric in BEST.items():
             previous = self.best[name]
@@ -168,6 +170,7 @@ class _Run:
         return {"step": step, "metrics": values}
 
     def save_latest(self, state, step: int) -> None:
+        """The state with what resuming needs: RNG, data position, and the best evaluations so far."""
         meta = {"step": step, "rng": [int(x) for x in mesh_lib.host_values(state.rng)],
-                "data_position": step}
+                "data_position": step, "best": self.best}
         self.checkpoints.save_latest(step, state.full_params(), state.opt_state, meta)

@@ -6,7 +6,7 @@ axis size, the rest replicated). With `fsdp = 1` everything but the batch is rep
 """
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from dpiqa_jax.errors import UserError
 
@@ -14,11 +14,15 @@ DATA, FSDP = "data", "fsdp"
 BATCH_AXES = (DATA, FSDP)
 
 
-def make_mesh(fsdp: int = 1) -> Mesh:
-    count = jax.device_count()
+def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
+    """(data, fsdp) over `devices` (default: every device of every process)."""
+    devices = jax.devices() if devices is None else devices
+    count = len(devices)
     if fsdp < 1 or count % fsdp:
         raise UserError(f"config key 'mesh.fsdp' is {fsdp}: it must divide the {count} devices")
-    return jax.make_mesh((count // fsdp, fsdp), BATCH_AXES)
+    # Auto axes: XLA propagates shardings through the model (jax's default became Explicit axes).
+    return jax.make_mesh((count // fsdp, fsdp), BATCH_AXES, axis_types=(AxisType.Auto, AxisType.Auto),
+                         devices=devices)
 
 
 def batch_size_per_process(mesh: Mesh, global_batch: int, key: str = "batch_size") -> int:

@@ -11,7 +11,8 @@ METRICS = ("srcc", "plcc", "plcc_logistic", "krcc", "rmse", "rmse_logistic")
 
 def logistic4(x, b1, b2, b3, b4):
     """The 4-parameter logistic of VQEG: maps predictions onto the MOS scale before PLCC/RMSE."""
-    return (b1 - b2) / (1.0 + np.exp(-(x - b3) / np.abs(b4))) + b2
+    with np.errstate(over="ignore"):  # exp overflow -> inf -> the curve's lower asymptote, as meant
+        return (b1 - b2) / (1.0 + np.exp(-(x - b3) / np.abs(b4))) + b2
 
 
 def fit_logistic(pred: np.ndarray, target: np.ndarray) -> np.ndarray:

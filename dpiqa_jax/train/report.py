@@ -12,12 +12,14 @@ from tqdm import tqdm
 
 class Reporter:
     def __init__(self, workdir: str, total_steps: int, first_step: int, images_per_step: int):
+        """A run resumed at `first_step` repeats what came after it: their old records are dropped
+        (and the evaluation at `first_step` itself when that is the last step, which is redone)."""
         self.workdir, self.images_per_step = workdir, images_per_step
         self.active = jax.process_index() == 0
         self.metrics_path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
         if self.active:
-            _truncate_after(self.metrics_path, first_step)
+            _truncate(self.metrics_path, first_step, redo_eval=first_step == total_steps)
         self.bar = tqdm(total=total_steps, initial=first_step, disable=not self.active, dynamic_ncols=True,
                         unit="step", desc="train")
         self._window = (first_step, time.perf_counter())
@@ -39,14 +41,7 @@ class Reporter:
         record = {"step": int(step), "split": split, **{k: _plain(v) for k, v in values.items()}}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        writer = self._writer()
-        with writer.as_default(step=int(step)):
-            import tensorflow as tf
-
-            for name, value in record.items():
-                if name not in ("step", "split") and isinstance(value, (int, float)):
-                    tf.summary.scalar(f"{split}/{name}", value)
-        writer.flush()
+        self._tensorboard(step, split, record)
         if split == "train":
             self.bar.set_postfix(loss=f"{values.get('loss', math.nan):.4g}",
                                  img_s=f"{values.get('images_per_second', 0):.1f}", refresh=False)
@@ -65,13 +60,25 @@ class Reporter:
         if self._tb is not None:
             self._tb.close()
 
-    def _writer(self):
-        if self._tb is None:
-            import tensorflow as tf
+    def _tensorboard(self, step: int, split: str, record: dict) -> None:
+        """Scalars as TensorBoard's scalar plugin writes them (tensorflow-cpu ships no `tensorboard`
+        package, which tf.summary.scalar needs)."""
+        import tensorflow as tf
+        from tensorflow.core.framework import summary_pb2
 
-            tf.config.set_visible_devices([], "GPU")  # TF must leave accelerators to JAX
+        if self._tb is None:
+            try:
+                tf.config.set_visible_devices([], "GPU")  # TF must leave accelerators to JAX
+            except RuntimeError:  # TF already initialised by the input pipeline
+                pass
             self._tb = tf.summary.create_file_writer(os.path.join(self.workdir, "tensorboard"))
-        return self._tb
+        scalar = summary_pb2.SummaryMetadata(
+            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+        with self._tb.as_default(step=int(step)):
+            for name, value in record.items():
+                if name not in ("step", "split") and isinstance(value, (int, float)):
+                    tf.summary.write(f"{split}/{name}", tf.constant(value, tf.float32), metadata=scalar)
+        self._tb.flush()
 
 
 def _plain(value):
@@ -80,12 +87,12 @@ def _plain(value):
     return value
 
 
-def _truncate_after(path: str, step: int) -> None:
-    """A resumed run repeats the steps after its checkpoint: drop their old records."""
+def _truncate(path: str, step: int, redo_eval: bool) -> None:
     if not os.path.exists(path):
         return
+    keep = lambda r: r["step"] < step or (r["step"] == step and not (redo_eval and r["split"] != "train"))
     with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        kept = [line for line in f if line.strip() and keep(json.loads(line))]
     with open(path, "w") as f:
         f.writelines(kept)
 

@@ -31,7 +31,7 @@ def ranking_loss(pred: jax.Array, target: jax.Array) -> jax.Array:
 
 
 def latents(model: DPIQA, params, images, rng, mode: str) -> jax.Array:
-    mean, std = model.apply({"params": params}, images, method=DPIQA.encode)
+    mean, std = model.apply({"params": params}, images, method="encode")
     key = rng if mode == "sample" else None
     return jax.lax.stop_gradient(latents_from_posterior(mean, std, model.config.vae.scaling_factor, key))
 
@@ -44,7 +44,7 @@ def train_step(state: TrainState, batch: dict, embeddings: jax.Array, *, model: 
 
     def loss_fn(trainable):
         score, _ = model.apply({"params": state.full_params(trainable)}, images, z, embeddings,
-                               method=DPIQA.from_latents)
+                               method="from_latents")
         score = score.astype(jnp.float32)
         mse = jnp.mean((score - target) ** 2)
         rank = ranking_loss(score, target) if rank_weight else jnp.zeros((), jnp.float32)
@@ -59,25 +59,28 @@ def train_step(state: TrainState, batch: dict, embeddings: jax.Array, *, model: 
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(state: TrainState, batch: dict, embeddings: jax.Array, rng: jax.Array, *, model: DPIQA,
+def eval_step(params, batch: dict, embeddings: jax.Array, rng: jax.Array, *, model: DPIQA,
               latent_mode: str = "mean") -> dict:
     """Scores of a (padded) eval batch, returned with its targets, indices and mask."""
-    params = state.full_params()
     z = latents(model, params, batch["image"], rng, latent_mode)
-    score, _ = model.apply({"params": params}, batch["image"], z, embeddings, method=DPIQA.from_latents)
+    score, _ = model.apply({"params": params}, batch["image"], z, embeddings, method="from_latents")
     return {"score": score.astype(jnp.float32), "target": batch["target"], "index": batch["index"],
             "mask": batch["mask"]}
 
 
-def compile_steps(model: DPIQA, tx: optax.GradientTransformation, mesh: Mesh, shardings: TrainState, *,
-                  latent_mode: str, eval_latent_mode: str, rank_weight: float):
-    """(train, eval) jitted over `mesh`: the state in its (FSDP) shardings and donated to the train
-    step, batches split over every device, embeddings replicated; eval outputs are replicated so
-    that every process holds all predictions."""
-    batch, repl = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
-    train = jax.jit(
-        functools.partial(train_step, model=model, tx=tx, latent_mode=latent_mode, rank_weight=rank_weight),
-        in_shardings=(shardings, batch, repl), out_shardings=(shardings, repl), donate_argnums=(0,))
-    evaluate = jax.jit(functools.partial(eval_step, model=model, latent_mode=eval_latent_mode),
-                       in_shardings=(shardings, batch, repl, repl), out_shardings=repl)
-    return train, evaluate
+def compile_train_step(model: DPIQA, tx: optax.GradientTransformation, mesh: Mesh, shardings: TrainState, *,
+                       latent_mode: str, rank_weight: float):
+    """The train step jitted over `mesh`: the state in its (FSDP) shardings and donated, the batch
+    split over every device, the embeddings and the returned metrics replicated."""
+    repl = mesh_lib.replicated(mesh)
+    step = functools.partial(train_step, model=model, tx=tx, latent_mode=latent_mode, rank_weight=rank_weight)
+    return jax.jit(step, in_shardings=(shardings, mesh_lib.batch_sharding(mesh), repl),
+                   out_shardings=(shardings, repl), donate_argnums=(0,))
+
+
+def compile_eval_step(model: DPIQA, mesh: Mesh, param_shardings, *, latent_mode: str):
+    """The eval step jitted over `mesh`; outputs are replicated, so every process holds every score."""
+    repl = mesh_lib.replicated(mesh)
+    step = functools.partial(eval_step, model=model, latent_mode=latent_mode)
+    return jax.jit(step, in_shardings=(param_shardings, mesh_lib.batch_sharding(mesh), repl, repl),
+                   out_shardings=repl)
