@@ -21,6 +21,9 @@ setup(
         "pillow>=10",
         "tqdm",
         "openpyxl",
+        # synthetic_iqa: reference photos shipped in its wheel, and SSIM labels.
+        "scikit-image>=0.22",
+        "importlib_resources",  # tensorflow-datasets needs it to build datasets
         # Configs and the CLIP tokenizer of a local SD / CLIP folder (no torch needed for these).
         "transformers>=4.40",
         "diffusers>=0.30",

@@ -7,8 +7,8 @@ from data_fixtures import make_fake, prepare_fake
 from scipy.io import loadmat
 
 from dpiqa_jax.data import DatasetError
+from dpiqa_jax.data import synthetic_iqa as synthetic
 from dpiqa_jax.data.source import Source, open_source, prepare
-from dpiqa_jax.data.synthetic_iqa import TEST_REFERENCES, TRAIN_REFERENCES, make_example, quality
 
 
 def _records(builder) -> dict:
@@ -79,14 +79,21 @@ def test_synthetic_iqa(tmp_path):
     assert {k: len(v) for k, v in source.parts.items()} == {"train": 24, "test": 8}
     references = {part: {source[int(i)]["reference"].decode() for i in ids}
                   for part, ids in source.parts.items()}
-    assert references["train"] <= set(TRAIN_REFERENCES) and references["test"] <= set(TEST_REFERENCES)
-    assert not set(TRAIN_REFERENCES) & set(TEST_REFERENCES)
+    assert references["train"] <= set(synthetic.TRAIN_REFERENCES)
+    assert references["test"] <= set(synthetic.TEST_REFERENCES)
+    assert not set(synthetic.TRAIN_REFERENCES) & set(synthetic.TEST_REFERENCES)
     record = source[3]
-    again = make_example(3, record["reference"].decode(), builder.builder_config)
+    again = synthetic.make_example(3, record["reference"].decode(), builder.builder_config)
     assert again["image"] == record["image"] and again["mos"] == pytest.approx(record["mos"])
-    assert record["target"] == pytest.approx(record["mos"]) and -1.0 <= record["mos"] <= 1.0
+    config, kind, strength = builder.builder_config, record["distortion"].decode(), float(record["strength"])
+    assert record["target"] == pytest.approx(synthetic.expected_quality(kind, strength, config))
+    assert -1.0 <= record["mos"] <= 1.0
+    curves = synthetic.quality_curves(config.image_size, config.seed)
+    for curve in curves.values():  # smooth labels: non-increasing in strength, from about 1
+        assert np.all(np.diff(curve) <= 0) and curve[0] > 0.9 and curve[-1] < 0.8
     clean = np.random.default_rng(0).uniform(size=(16, 16, 3)).astype(np.float32)
-    assert quality(clean, clean) == pytest.approx(1.0) and quality(clean, clean * 0.5) < 0.9
+    assert synthetic.quality(clean, clean) == pytest.approx(1.0)
+    assert synthetic.quality(clean, clean * 0.5) < 0.9
 
 
 def _prepare_error(name, tmp_path, manual) -> str:
