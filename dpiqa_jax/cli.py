@@ -6,20 +6,14 @@ import sys
 
 from dpiqa_jax.errors import UserError
 
-COMMANDS = ("train", "evaluate", "predict", "embed_prompts", "distill", "export")
+COMMANDS = ("train", "evaluate", "predict", "embed_prompts")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dpiqa-jax", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="dpiqa-jax", description="DP-IQA image quality assessment in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"dpiqa_jax.commands.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"dpiqa_jax.commands.{name}":
-                raise
-            continue  # a command not built yet
-        module.register(sub)
+        importlib.import_module(f"dpiqa_jax.commands.{name}").register(sub)
     return parser
 
 
