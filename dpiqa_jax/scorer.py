@@ -55,7 +55,7 @@ class Scorer:
 
 def load(checkpoint: str, prompt_embeddings: Optional[str] = None, model_config: Optional[str] = None,
          **kwargs) -> Scorer:
-    """A Scorer from the authors' `.pth` or one of our checkpoints (see `teacher.load_teacher`)."""
+    """A Scorer from a teacher state-dict file (the authors' `.pth`) (see `teacher.load_teacher`)."""
     from dpiqa_jax.teacher import load_teacher
 
     cfg, params, embeddings = load_teacher(checkpoint, prompt_embeddings, model_config)

@@ -92,22 +92,17 @@ def load_authors_teacher(path: str, cfg: Optional[TeacherConfig] = None):
 
 def load_teacher(checkpoint: str, prompt_embeddings: Optional[str] = None,
                  model_config: Optional[str] = None):
-    """(TeacherConfig, params, prompt embeddings) from the authors' .pth or one of our checkpoints.
+    """(TeacherConfig, params, prompt embeddings) from a teacher state-dict file (the authors' .pth).
 
-    `model_config` (a JSON written by `teacher_config_to_dict`) describes a .pth whose shapes are
-    not SD-1.5's; our own checkpoints carry their config."""
+    `model_config` (a JSON written by `teacher_config_to_dict`) describes a file whose shapes are
+    not SD-1.5's."""
     if os.path.isdir(checkpoint):
-        from dpiqa_jax.train.checkpoint import restore_for_inference
+        raise UserError(f"{checkpoint}: is a folder; give a teacher state-dict file (.pth or .safetensors)")
+    cfg = read_teacher_config(model_config) if model_config else TeacherConfig()
+    params = load_authors_teacher(checkpoint, cfg)
+    from dpiqa_jax.prompts import load_prompt_embeddings
 
-        cfg, params, embeddings = restore_for_inference(checkpoint)
-    else:
-        cfg = read_teacher_config(model_config) if model_config else TeacherConfig()
-        params = load_authors_teacher(checkpoint, cfg)
-        embeddings = None
-    if prompt_embeddings is not None or embeddings is None:
-        from dpiqa_jax.prompts import load_prompt_embeddings
-
-        embeddings = load_prompt_embeddings(prompt_embeddings or find_prompt_file(checkpoint))
+    embeddings = load_prompt_embeddings(prompt_embeddings or find_prompt_file(checkpoint))
     embeddings = np.asarray(embeddings, np.float32)
     if embeddings.ndim != 2 or embeddings.shape[1] != cfg.embed_dim:
         raise UserError(f"prompt embeddings of shape {embeddings.shape} do not fit the teacher "

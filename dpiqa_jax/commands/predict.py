@@ -16,9 +16,9 @@ def register(sub):
     p = sub.add_parser("predict", help="score images with a teacher checkpoint")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (recursive) or globs")
     p.add_argument("--checkpoint", required=True,
-                   help="the authors' teacher .pth, a training workdir or an orbax checkpoint folder")
+                   help="the authors' teacher .pth (or .safetensors)")
     p.add_argument("--prompt-embeddings", help="prompt matrix (.pth/.npy/.safetensors); default: "
-                   "quality_embeddings.pth beside an authors' checkpoint, or the one stored with ours")
+                   "quality_embeddings.pth beside an authors' checkpoint")
     p.add_argument("--model-config", help="teacher config JSON for a .pth whose shapes are not SD-1.5's")
     p.add_argument("--output", help="write results to OUT.json or OUT.csv (default: a table on stdout)")
     p.add_argument("--latent", choices=("mean", "sample"), default="mean",
