@@ -92,19 +92,50 @@ def load_authors_teacher(path: str, cfg: Optional[TeacherConfig] = None):
 
 def load_teacher(checkpoint: str, prompt_embeddings: Optional[str] = None,
                  model_config: Optional[str] = None):
-    """(TeacherConfig, params, prompt embeddings) from a teacher state-dict file (the authors' .pth).
+    """(TeacherConfig, params, prompt embeddings) from a teacher state-dict file (the authors' .pth)
+    or a folder written by `save_teacher`.
 
     `model_config` (a JSON written by `teacher_config_to_dict`) describes a file whose shapes are
     not SD-1.5's."""
-    if os.path.isdir(checkpoint):
-        raise UserError(f"{checkpoint}: is a folder; give a teacher state-dict file (.pth or .safetensors)")
-    cfg = read_teacher_config(model_config) if model_config else TeacherConfig()
-    params = load_authors_teacher(checkpoint, cfg)
     from dpiqa_jax.prompts import load_prompt_embeddings
 
-    embeddings = load_prompt_embeddings(prompt_embeddings or find_prompt_file(checkpoint))
+    if os.path.isdir(checkpoint):
+        cfg, params, embeddings = restore_teacher(checkpoint)
+    else:
+        cfg = read_teacher_config(model_config) if model_config else TeacherConfig()
+        params = load_authors_teacher(checkpoint, cfg)
+        embeddings = load_prompt_embeddings(prompt_embeddings or find_prompt_file(checkpoint))
+    if prompt_embeddings is not None:
+        embeddings = load_prompt_embeddings(prompt_embeddings)
     embeddings = np.asarray(embeddings, np.float32)
     if embeddings.ndim != 2 or embeddings.shape[1] != cfg.embed_dim:
         raise UserError(f"prompt embeddings of shape {embeddings.shape} do not fit the teacher "
                         f"(expected (N, {cfg.embed_dim}))")
     return cfg, params, embeddings
+
+
+def save_teacher(folder: str, cfg: TeacherConfig, params, embeddings) -> None:
+    """Our own checkpoint: orbax params, the config as JSON and the prompt matrix, in one folder."""
+    import orbax.checkpoint as ocp
+
+    folder = os.path.abspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(folder, "params"), params)
+    checkpointer.wait_until_finished()  # the save is asynchronous
+    with open(os.path.join(folder, "model.json"), "w") as f:
+        json.dump(teacher_config_to_dict(cfg), f, indent=1)
+    np.save(os.path.join(folder, "prompt_embeddings.npy"), np.asarray(embeddings, np.float32))
+
+
+def restore_teacher(folder: str):
+    """(TeacherConfig, params, prompt embeddings) from a folder written by `save_teacher`."""
+    import orbax.checkpoint as ocp
+
+    folder = os.path.abspath(folder)
+    for name in ("params", "model.json", "prompt_embeddings.npy"):
+        if not os.path.exists(os.path.join(folder, name)):
+            raise UserError(f"{folder}: not a dpiqa_jax teacher checkpoint (no {name})")
+    cfg = read_teacher_config(os.path.join(folder, "model.json"))
+    params = ocp.StandardCheckpointer().restore(os.path.join(folder, "params"), param_shapes(cfg))
+    return cfg, params, np.load(os.path.join(folder, "prompt_embeddings.npy"))

@@ -77,3 +77,22 @@ def test_embed_prompts_command_writes_the_prompt_matrix(tmp_path):
     missing = dpiqa_jax("embed-prompts", "--clip", tmp_path / "nowhere", "--output", tmp_path / "x.npy",
                         cwd=tmp_path)
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_orbax_teacher_checkpoint_round_trips_through_predict(authors_files, tmp_path):
+    import jax
+
+    from dpiqa_jax.teacher import load_teacher, restore_teacher, save_teacher
+
+    tmp, paths, expected = authors_files
+    cfg, params, embeddings = load_teacher(str(tmp / "teacher.pth"), model_config=str(tmp / "model.json"))
+    save_teacher(str(tmp_path / "ours"), cfg, params, embeddings)
+    cfg2, params2, embeddings2 = restore_teacher(str(tmp_path / "ours"))
+    assert cfg2 == cfg
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params2, params)
+    np.testing.assert_array_equal(embeddings2, embeddings)
+    out = tmp_path / "scores.csv"
+    result = dpiqa_jax("predict", "--checkpoint", tmp_path / "ours", "--output", out, *paths, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    scores = [float(line.split(",")[-1]) for line in out.read_text().splitlines()[1:]]
+    assert rel_err(scores, expected) < 1e-4

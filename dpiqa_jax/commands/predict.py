@@ -16,7 +16,7 @@ def register(sub):
     p = sub.add_parser("predict", help="score images with a teacher checkpoint")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (recursive) or globs")
     p.add_argument("--checkpoint", required=True,
-                   help="the authors' teacher .pth (or .safetensors)")
+                   help="the authors' teacher .pth or .safetensors, or a folder from teacher.save_teacher")
     p.add_argument("--prompt-embeddings", help="prompt matrix (.pth/.npy/.safetensors); default: "
                    "quality_embeddings.pth beside an authors' checkpoint")
     p.add_argument("--model-config", help="teacher config JSON for a .pth whose shapes are not SD-1.5's")
