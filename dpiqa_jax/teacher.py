@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpiqa_jax import checkpoints
 from dpiqa_jax.errors import UserError
 from dpiqa_jax.models.dpiqa import DPIQA, TeacherConfig
 from dpiqa_jax.models.unet import UNetConfig
@@ -93,7 +94,7 @@ def load_authors_teacher(path: str, cfg: Optional[TeacherConfig] = None):
 def load_teacher(checkpoint: str, prompt_embeddings: Optional[str] = None,
                  model_config: Optional[str] = None):
     """(TeacherConfig, params, prompt embeddings) from a teacher state-dict file (the authors' .pth)
-    or a folder written by `save_teacher`.
+    or one of our folders (see `restore_teacher`).
 
     `model_config` (a JSON written by `teacher_config_to_dict`) describes a file whose shapes are
     not SD-1.5's."""
@@ -115,27 +116,24 @@ def load_teacher(checkpoint: str, prompt_embeddings: Optional[str] = None,
 
 
 def save_teacher(folder: str, cfg: TeacherConfig, params, embeddings) -> None:
-    """Our own checkpoint: orbax params, the config as JSON and the prompt matrix, in one folder."""
+    """Our own checkpoint in one folder: orbax params, the config as JSON and the prompt matrix
+    (the files of a training workdir, flat)."""
     import orbax.checkpoint as ocp
 
     folder = os.path.abspath(folder)
     os.makedirs(folder, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(folder, "params"), params)
+    checkpointer.save(os.path.join(folder, checkpoints.PARAMS), params)
     checkpointer.wait_until_finished()  # the save is asynchronous
-    with open(os.path.join(folder, "model.json"), "w") as f:
+    with open(os.path.join(folder, checkpoints.MODEL_FILE), "w") as f:
         json.dump(teacher_config_to_dict(cfg), f, indent=1)
-    np.save(os.path.join(folder, "prompt_embeddings.npy"), np.asarray(embeddings, np.float32))
+    np.save(os.path.join(folder, checkpoints.EMBEDDINGS_FILE), np.asarray(embeddings, np.float32))
 
 
-def restore_teacher(folder: str):
-    """(TeacherConfig, params, prompt embeddings) from a folder written by `save_teacher`."""
-    import orbax.checkpoint as ocp
-
-    folder = os.path.abspath(folder)
-    for name in ("params", "model.json", "prompt_embeddings.npy"):
-        if not os.path.exists(os.path.join(folder, name)):
-            raise UserError(f"{folder}: not a dpiqa_jax teacher checkpoint (no {name})")
-    cfg = read_teacher_config(os.path.join(folder, "model.json"))
-    params = ocp.StandardCheckpointer().restore(os.path.join(folder, "params"), param_shapes(cfg))
-    return cfg, params, np.load(os.path.join(folder, "prompt_embeddings.npy"))
+def restore_teacher(path: str, sharding_fn=None):
+    """(TeacherConfig, params, prompt embeddings) from a training workdir (its best-by-SRCC
+    checkpoint, else the latest), one of its checkpoint or step folders, or a `save_teacher` folder."""
+    run_dir, step_dir = checkpoints.resolve(path)
+    cfg = read_teacher_config(os.path.join(run_dir, checkpoints.MODEL_FILE))
+    embeddings = np.load(os.path.join(run_dir, checkpoints.EMBEDDINGS_FILE))
+    return cfg, checkpoints.restore_item(step_dir, sharding_fn=sharding_fn), embeddings

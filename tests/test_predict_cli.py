@@ -1,21 +1,27 @@
-"""`dpiqa-jax predict` on a teacher .pth saved the authors' way (torch.save of the state dict)."""
+"""`dpiqa-jax predict` on teacher and student checkpoints saved the authors' way (torch.save of the
+state dict) or exported by us; `dpiqa-jax export` end to end."""
 import json
+import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 from oracle import rel_err
 from PIL import Image
+from test_export import SPEC, random_student_variables, write_authors_student
 from test_teacher import TINY, tiny_pair
 
 from dpiqa_jax.data.images import load_image
+from dpiqa_jax.export import export_student
+from dpiqa_jax.student_io import student_apply, student_state_dict
 
 
-def dpiqa_jax(*args, cwd):
+def dpiqa_jax(*args, cwd, env=None):
     return subprocess.run([sys.executable, "-m", "dpiqa_jax.cli", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
+                          env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +102,91 @@ def test_orbax_teacher_checkpoint_round_trips_through_predict(authors_files, tmp
     assert result.returncode == 0, result.stderr
     scores = [float(line.split(",")[-1]) for line in out.read_text().splitlines()[1:]]
     assert rel_err(scores, expected) < 1e-4
+
+
+# --- students ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def student_files(tmp_path_factory):
+    """A tiny student saved the authors' way, three images, and the in-process model's scores."""
+    tmp = tmp_path_factory.mktemp("student")
+    variables = random_student_variables(SPEC)
+    write_authors_student(tmp / "student.pth", variables)
+    rng = np.random.default_rng(5)
+    paths = []
+    for i, size in enumerate([(90, 70), (64, 64), (40, 100)]):
+        paths.append(tmp / f"img{i}.png")
+        Image.fromarray(rng.integers(0, 256, size[::-1] + (3,), dtype=np.uint8)).save(paths[-1])
+    images = np.stack([load_image(str(p), SPEC.image_size) for p in paths])
+    return tmp, variables, paths, np.asarray(student_apply(SPEC)(variables, images)[0])
+
+
+def test_predict_authors_student_pth(student_files, monkeypatch):
+    from dpiqa_jax.cli import main
+
+    tmp, _, paths, expected = student_files
+    monkeypatch.chdir(tmp)
+    # In this process (the next test runs the CLI in subprocesses): a batch of 3 reuses the compiled
+    # program of the expected scores.
+    assert main(["predict", "--checkpoint", "student.pth", "--variant", "b0", "--image-size", "64",
+                 "--batch-size", "3", "--output", "scores.json", *map(str, paths)]) == 0
+    rows = json.loads((tmp / "scores.json").read_text())
+    assert [r["path"] for r in rows] == [str(p) for p in paths]
+    assert rel_err([r["score"] for r in rows], expected) < 1e-5
+
+
+def test_export_command_then_predict_the_export(student_files):
+    tmp, _, paths, expected = student_files
+    # Both commands run the model on 3 images at once: with a shared compilation cache, predict
+    # reuses the program that export compiled to check its file.
+    cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp / "jax_cache"),
+             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    result = dpiqa_jax("export", "--checkpoint", "student.pth", "--variant", "b0", "--image-size", 64,
+                       "--format", "msgpack", "--output", "exported.msgpack", cwd=tmp, env=cache)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1 and "exported.msgpack" in lines[0] and "max rel error" in lines[0]
+    # Our export carries its spec: no --variant, --image-size, prompt file or model config.
+    result = dpiqa_jax("predict", "--checkpoint", "exported.msgpack", "--batch-size", 3,
+                       "--output", "scores.csv", *paths, cwd=tmp, env=cache)
+    assert result.returncode == 0, result.stderr
+    scores = [float(line.split(",")[-1]) for line in (tmp / "scores.csv").read_text().splitlines()[1:]]
+    assert rel_err(scores, expected) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["authors .pth", "authors legacy .pth", "authors .safetensors",
+                                  "our msgpack", "our safetensors"])
+def test_python_api_scores_every_student_file(student_files, tmp_path, kind):
+    """`dpiqa_jax.load` tells a student from a teacher by the file alone."""
+    import dpiqa_jax
+
+    tmp, variables, paths, expected = student_files
+    state = {k: np.ascontiguousarray(v) for k, v in student_state_dict(variables).items()}
+    path = tmp / "student.pth"
+    if kind == "authors legacy .pth":  # torch's pre-1.6 format, which torch cannot memory-map
+        path = tmp_path / "legacy.pth"
+        torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path,
+                   _use_new_zipfile_serialization=False)
+    elif kind == "authors .safetensors":
+        path = tmp_path / "student.safetensors"
+        safetensors.numpy.save_file(state, str(path))
+    elif kind.startswith("our"):
+        fmt = kind.split()[-1]
+        path = tmp_path / f"student.{fmt}"
+        export_student(SPEC, variables, fmt, path)
+    # Our exports carry their spec; the authors' files need it.
+    scorer = dpiqa_jax.load(path, student_spec=SPEC if kind.startswith("authors") else None,
+                            batch_size=len(paths))
+    assert scorer.image_size == 64
+    assert rel_err(scorer([str(p) for p in paths]), expected) < 1e-5
+
+
+def test_teacher_and_student_options_do_not_mix(student_files, authors_files):
+    from dpiqa_jax import scorer
+    from dpiqa_jax.errors import UserError
+
+    with pytest.raises(UserError, match="student checkpoint: prompt embeddings and sampled latents"):
+        scorer.load(student_files[0] / "student.pth", prompt_embeddings="quality_embeddings.pth",
+                    latent="sample")
+    with pytest.raises(UserError, match="not a student checkpoint"):
+        scorer.load(authors_files[0] / "teacher.pth", student_spec=SPEC)

@@ -1,4 +1,4 @@
-"""`dpiqa-jax predict`: score image files with a teacher checkpoint."""
+"""`dpiqa-jax predict`: score image files with a teacher or a student checkpoint."""
 import csv
 import glob
 import json
@@ -7,16 +7,18 @@ import sys
 
 import numpy as np
 
+from dpiqa_jax.commands.export import add_student_arguments, student_spec
 from dpiqa_jax.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
 def register(sub):
-    p = sub.add_parser("predict", help="score images with a teacher checkpoint")
+    p = sub.add_parser("predict", help="score images with a teacher or a student checkpoint")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (recursive) or globs")
     p.add_argument("--checkpoint", required=True,
-                   help="the authors' teacher .pth or .safetensors, or a folder from teacher.save_teacher")
+                   help="a teacher (the authors' .pth or .safetensors, or a teacher.save_teacher folder) or "
+                        "a student (the authors' .pth or .safetensors, or our .msgpack/.safetensors export)")
     p.add_argument("--prompt-embeddings", help="prompt matrix (.pth/.npy/.safetensors); default: "
                    "quality_embeddings.pth beside an authors' checkpoint")
     p.add_argument("--model-config", help="teacher config JSON for a .pth whose shapes are not SD-1.5's")
@@ -25,6 +27,7 @@ def register(sub):
                    help="posterior mean (deterministic, default) or a random draw as the authors do")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0, help="seed of the draws with --latent sample")
+    add_student_arguments(p)
     p.set_defaults(run=run)
 
 
@@ -70,7 +73,8 @@ def run(args):
     if not paths:
         raise UserError("no image files found in " + " ".join(args.paths))
     scorer = scorer_lib.load(args.checkpoint, args.prompt_embeddings, args.model_config,
-                             latent=args.latent, batch_size=args.batch_size, seed=args.seed)
+                             student_spec=student_spec(args), latent=args.latent, batch_size=args.batch_size,
+                             seed=args.seed)
     rows, failed = [], 0
     for start in range(0, len(paths), args.batch_size):
         good, images = [], []

@@ -1,0 +1,69 @@
+"""Fields shared by every config: the authors' teacher settings (SPEC.md) on SD-1.5.
+
+Dataset configs import this file (`import default`) and change a few fields. Paths are
+placeholders the user overrides, e.g. `--config.model.sd_dir=/models/stable-diffusion-v1-5`.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+from dpiqa_jax.models.dpiqa import TeacherConfig
+from dpiqa_jax.teacher import teacher_config_to_dict
+
+# The authors' quality feature decoder, spelled out so that every width can be overridden.
+AUTHORS_DECODER = {"width": 512, "reduction": 16, "score_channels": (128, 32, 8), "fc_width": 512}
+
+
+SD15_TEACHER = TeacherConfig()
+
+
+def model_arch(cfg: TeacherConfig = SD15_TEACHER, decoder: dict = AUTHORS_DECODER) -> dict:
+    return teacher_config_to_dict(cfg) | {"decoder": dict(decoder)}
+
+
+def optional_path(default=None) -> config_dict.FieldReference:
+    """A path setting that may be None and keeps its type (str) for `--config.KEY=...` overrides."""
+    return config_dict.FieldReference(default, field_type=str)
+
+
+def get_config(arg=None) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.dataset = ml_collections.ConfigDict({
+        "name": "koniq10k",
+        "manual_dir": optional_path("~/datasets/koniq10k"),  # the downloaded dataset (labels and images)
+        "data_dir": optional_path(),  # where TFDS keeps the prepared dataset (None: TFDS's default)
+        # 'random[:SEED[:FRACTION]]' (the authors' seeded 80/20), 'official[:PART]' or 'indices:TRAIN[,TEST]'
+        "split": "random",
+    })
+
+    config.model = ml_collections.ConfigDict({
+        "arch": model_arch(),  # teacher_config_from_dict fields: unet, vae, latent_size, decoder...
+        # diffusers SD-1.5 folder for the U-Net and VAE weights; None = random init
+        "sd_dir": optional_path("~/models/stable-diffusion-v1-5"),
+        # prompt matrix (.pth, .npy or .safetensors); None = a fixed random matrix (the demo)
+        "embeddings": optional_path("~/models/quality_embeddings.pth"),
+        "num_prompts": 1485,  # rows of the random demo prompt matrix (embeddings None)
+        "dtype": "bfloat16",  # compute dtype; params and Adam state stay float32
+        "latents": "sample",  # 'sample' the VAE posterior as the authors, or take its 'mean'
+    })
+
+    config.optim = ml_collections.ConfigDict({
+        "lr": 1e-5, "b1": 0.9, "b2": 0.999, "eps": 1e-8,  # torch Adam defaults, no weight decay
+        "schedule": "step",  # 'step': x decay after each epoch in milestones; 'cosine': warmup + cosine
+        "milestones": (5,), "decay": 0.2,
+        "warmup_steps": 0, "final_lr_ratio": 0.0,  # 'cosine' only
+    })
+    config.loss = ml_collections.ConfigDict({"rank_weight": 0.0})  # SPEC's ranking loss, off as the authors
+
+    config.batch_size = 16  # global, over all devices of all processes
+    config.epochs = 30
+    config.num_steps = 0  # > 0: train this many steps instead of `epochs`
+    config.log_every = 50
+    config.eval = ml_collections.ConfigDict({
+        "every": 250, "batch_size": 16,
+        "latents": "mean",  # deterministic evaluation; 'sample' draws as the authors' code does
+    })
+    config.checkpoint = ml_collections.ConfigDict({"every": 250, "async_save": True})
+    config.mesh = ml_collections.ConfigDict({"fsdp": 1})  # > 1 shards params and Adam state over fsdp devices
+    return config

@@ -1,0 +1,71 @@
+"""`dpiqa-jax train --config configs/NAME.py[:ARG] --workdir DIR [--config.KEY=VALUE ...]`.
+
+Re-running the same command resumes from DIR/checkpoints/latest.
+"""
+import argparse
+import json
+import sys
+
+from dpiqa_jax.errors import UserError
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train the teacher (resumes when WORKDIR has a checkpoint)",
+        description=__doc__.splitlines()[0],
+        epilog="Overrides: --config.KEY=VALUE (or --config.KEY VALUE), e.g. --config.optim.lr=2e-5.")
+    parser.add_argument("--config", required=True, metavar="FILE.py[:ARG]", help="a config file")
+    parser.add_argument("--workdir", required=True, help="checkpoints, metrics and results go here")
+    add_distributed_arguments(parser)
+    collect_config_overrides(parser)
+    parser.set_defaults(run=run)
+
+
+def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("multi-host (jax.distributed)")
+    group.add_argument("--distributed", action="store_true",
+                       help="join a multi-process run; on TPU pods and SLURM the rest is detected")
+    group.add_argument("--coordinator", help="HOST:PORT of process 0 (else $JAX_COORDINATOR_ADDRESS)")
+    group.add_argument("--num-processes", type=int)
+    group.add_argument("--process-id", type=int)
+
+
+def initialize_distributed(args) -> None:
+    """Calls jax.distributed.initialize when asked to; must run before anything touches devices."""
+    if args.distributed or args.coordinator or args.num_processes:
+        import jax
+
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)
+
+
+def collect_config_overrides(parser: argparse.ArgumentParser) -> None:
+    """`--config.KEY=VALUE` flags cannot be declared ahead (keys depend on the file): the parser hands
+    every argument it does not know to `args.overrides`, which `split_override_args` checks."""
+    parse_known = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        namespace, rest = parse_known(args, namespace)
+        namespace.overrides = list(rest)
+        return namespace, []
+
+    parser.parse_known_args = parse_known_args
+
+
+def run(args) -> int:
+    from dpiqa_jax.train import config_util
+
+    pairs = config_util.split_override_args(args.overrides)
+    config = config_util.load_config(args.config)
+    config_util.apply_overrides(config, pairs)
+    initialize_distributed(args)
+    from dpiqa_jax.train.loop import NonFiniteError, train_and_evaluate
+
+    try:
+        results = train_and_evaluate(config, args.workdir)
+    except NonFiniteError as e:
+        raise UserError(str(e)) from None
+    final = results["final"]["metrics"]
+    print(json.dumps({"step": results["final"]["step"], "srcc": final["srcc"], "plcc": final["plcc"]}),
+          file=sys.stdout)
+    return 0

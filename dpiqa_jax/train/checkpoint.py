@@ -1,0 +1,100 @@
+"""Orbax checkpoints of a training run (read for inference by `dpiqa_jax.checkpoints`).
+
+A workdir holds everything needed to use the model again:
+
+    DIR/model.json              the TeacherConfig (teacher_config_to_dict)
+    DIR/prompt_embeddings.npy   the prompt embeddings the model was trained with
+    DIR/checkpoints/latest      params, opt_state and meta (step, RNG, data position): for resume
+    DIR/checkpoints/best_srcc   params and meta (step, metrics) of the best evaluation by SRCC
+    DIR/checkpoints/best_plcc   the same by PLCC
+
+Each folder keeps one orbax step; orbax writes a step to a temporary folder and renames it when
+complete, and deletes the previous step only afterwards, so a kill at any moment leaves the last
+complete checkpoint restorable.
+"""
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from dpiqa_jax.checkpoints import BEST, CHECKPOINTS, EMBEDDINGS_FILE, LATEST, MODEL_FILE
+from dpiqa_jax.errors import UserError
+
+
+class RunCheckpoints:
+    """The three checkpoint folders of a workdir. Every process calls every method (orbax saves
+    collectively; only the primary process writes the JSON parts)."""
+
+    def __init__(self, workdir: str, async_save: bool = True):
+        root = os.path.join(os.path.abspath(workdir), CHECKPOINTS)
+        self.managers = {name: ocp.CheckpointManager(os.path.join(root, name),
+                                                     options=_options(name, async_save))
+                         for name in (LATEST,) + BEST}
+
+    def save_latest(self, step: int, params, opt_state, meta: dict) -> None:
+        """Saved only once the best checkpoints that `meta` mentions are on disk."""
+        for name in BEST:
+            self.managers[name].wait_until_finished()
+        self.managers[LATEST].save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave(meta)))
+
+    def save_best(self, name: str, step: int, params, meta: dict) -> None:
+        manager = self.managers[name]
+        if manager.latest_step() == step:  # re-evaluated after a resume: already on disk
+            return
+        manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
+
+    def latest_step(self) -> Optional[int]:
+        return self.managers[LATEST].latest_step()
+
+    def restore_latest(self, abstract_params, abstract_opt_state) -> tuple[Any, Any, dict]:
+        """(params, opt_state, meta) of the latest step, placed as the abstract trees' shardings."""
+        manager = self.managers[LATEST]
+        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params),
+            opt_state=ocp.args.StandardRestore(abstract_opt_state), meta=ocp.args.JsonRestore()))
+        return restored.params, restored.opt_state, restored.meta
+
+    def wait(self) -> None:
+        """Blocks until pending asynchronous saves are on disk; a failed save raises here."""
+        for manager in self.managers.values():
+            manager.wait_until_finished()
+
+    def close(self) -> None:
+        for manager in self.managers.values():
+            manager.close()
+
+
+def _options(name: str, async_save: bool) -> ocp.CheckpointManagerOptions:
+    # The folders save the same step at once: each needs its own multi-host barrier names.
+    return ocp.CheckpointManagerOptions(
+        max_to_keep=1, create=True, cleanup_tmp_directories=True, enable_async_checkpointing=async_save,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name))
+
+
+def write_model_files(workdir: str, model_dict: dict, embeddings: np.ndarray) -> None:
+    """Writes model.json and the prompt embeddings once (primary process); on a rerun, refuses a
+    workdir that holds another model."""
+    path = os.path.join(workdir, MODEL_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved != json.loads(json.dumps(model_dict)):
+            raise UserError(f"{path} describes another model than this config: use a new --workdir")
+    if jax.process_index() != 0:
+        return
+    os.makedirs(workdir, exist_ok=True)
+    _atomic_write(path, lambda f: f.write(json.dumps(model_dict, indent=2).encode()))
+    _atomic_write(os.path.join(workdir, EMBEDDINGS_FILE), lambda f: np.save(f, np.asarray(embeddings)))
+
+
+def _atomic_write(path: str, write) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)

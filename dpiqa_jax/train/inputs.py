@@ -1,0 +1,46 @@
+"""The run's data: the pipeline's host-local batches turned into global arrays on the mesh."""
+from typing import Iterator
+
+import jax
+import ml_collections
+from jax.sharding import Mesh
+
+from dpiqa_jax.data import pipeline
+from dpiqa_jax.data.source import open_source
+from dpiqa_jax.data.splits import resolve
+from dpiqa_jax.train import mesh as mesh_lib
+
+
+class IQAData:
+    """Train batches (resumable by step) and the eval split, from the config's `dataset` group."""
+
+    def __init__(self, config: ml_collections.ConfigDict, image_size: int, mesh: Mesh):
+        ds = config.dataset
+        self.mesh, self.image_size = mesh, image_size
+        self.batch_size, self.eval_batch_size = config.batch_size, config.eval.batch_size
+        self.seed = config.seed
+        mesh_lib.batch_size_per_process(mesh, self.batch_size, "batch_size")
+        mesh_lib.batch_size_per_process(mesh, self.eval_batch_size, "eval.batch_size")
+        self.where = {"data_dir": ds.data_dir, "manual_dir": ds.manual_dir}
+        self.name, self.split = ds.name, ds.split
+        source = open_source(ds.name, process_count=jax.process_count(), **self.where)
+        parts = resolve(ds.split, source.parts, source.name)
+        self.num_train, self.num_eval = len(parts["train"]), len(parts["test"])
+        self.steps_per_epoch = self.num_train // self.batch_size
+
+    def train_batches(self, start_step: int) -> Iterator[dict]:
+        """Global train batches from `start_step` on: the same sequence on any mesh, after any resume."""
+        batches = pipeline.train_batches(self.name, self.split, batch_size=self.batch_size,
+                                         image_size=self.image_size, seed=self.seed, start_step=start_step,
+                                         **self.where)
+        try:
+            for batch in batches:
+                yield pipeline.to_global(batch, self.mesh, mesh_lib.BATCH_AXES)
+        finally:  # the loader's threads stop with the generator
+            batches.close()
+
+    def eval_batches(self) -> Iterator[dict]:
+        """The test part, padded with a 'mask', as global arrays."""
+        batches = pipeline.eval_batches(self.name, self.split, batch_size=self.eval_batch_size,
+                                        image_size=self.image_size, **self.where)
+        return (pipeline.to_global(batch, self.mesh, mesh_lib.BATCH_AXES) for batch in batches)

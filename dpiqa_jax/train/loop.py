@@ -1,0 +1,185 @@
+"""`train_and_evaluate(config, workdir)`: the teacher's training loop, resumable, on any mesh.
+
+Every `log_every` steps (and before any evaluation or checkpoint) the window's step metrics are
+fetched and checked: a non-finite loss or gradient stops the run there, before anything of that
+state is saved. Every `eval.every` steps and at the end the test split is scored; the best
+evaluations by SRCC and PLCC are kept as checkpoints, the latest state every `checkpoint.every`.
+"""
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dpiqa_jax import teacher
+from dpiqa_jax.checkpoints import with_shardings
+from dpiqa_jax.errors import UserError
+from dpiqa_jax.models.dpiqa import DPIQA
+from dpiqa_jax.train import checkpoint as ckpt_lib
+from dpiqa_jax.train import evaluator, inputs, metrics, schedule
+from dpiqa_jax.train import mesh as mesh_lib
+from dpiqa_jax.train import state as state_lib
+from dpiqa_jax.train.config_util import require_choice, require_existing
+from dpiqa_jax.train.report import Reporter
+from dpiqa_jax.train.step import LATENTS, compile_eval_step, compile_train_step
+
+BEST = {"best_srcc": "srcc", "best_plcc": "plcc"}
+EVAL_SEED = 0x5EED  # eval draws ('sample' latents) use fold_in(PRNGKey(seed), EVAL_SEED), then the batch
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or gradient norm became NaN or infinite: the run stops without saving that state."""
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Config checks that need no data and no compile: choices and paths."""
+    require_choice(config, "model.latents", LATENTS)
+    require_choice(config, "eval.latents", LATENTS)
+    require_choice(config, "model.dtype", ("float32", "bfloat16"))
+    require_choice(config, "optim.schedule", ("step", "cosine"))
+    for key in ("model.sd_dir", "model.embeddings", "dataset.manual_dir"):
+        require_existing(config, key)
+
+
+def prompt_embeddings(config: ml_collections.ConfigDict, embed_dim: int) -> np.ndarray:
+    """The file of `model.embeddings`, else the fixed random demo matrix."""
+    if not config.model.embeddings:
+        return teacher.demo_prompt_embeddings(config.model.num_prompts, embed_dim, config.seed)
+    from dpiqa_jax.prompts import load_prompt_embeddings
+
+    embeddings = np.asarray(load_prompt_embeddings(config.model.embeddings), np.float32)
+    if embeddings.shape[1] != embed_dim:
+        raise UserError(f"config key 'model.embeddings': {config.model.embeddings} holds "
+                        f"{embeddings.shape[1]}-d embeddings; the U-Net's cross_attention_dim is {embed_dim}")
+    return embeddings
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains (or resumes) the run in `workdir`; returns the contents of its results.json."""
+    validate(config)
+    mesh = mesh_lib.make_mesh(config.mesh.fsdp)
+    model_cfg = teacher.teacher_config_from_dict(config.model.arch.to_dict())
+    embeddings = prompt_embeddings(config, model_cfg.embed_dim)
+    data = inputs.IQAData(config, model_cfg.image_size, mesh)
+    ckpt_lib.write_model_files(workdir, teacher.teacher_config_to_dict(model_cfg), embeddings)
+
+    steps_per_epoch = data.steps_per_epoch
+    total_steps = config.num_steps or config.epochs * steps_per_epoch
+    lr = schedule.learning_rate(config.optim, steps_per_epoch, total_steps)
+    tx = schedule.optimizer(config.optim, lr)
+    checkpoints = ckpt_lib.RunCheckpoints(workdir, async_save=config.checkpoint.async_save)
+    state, meta, shardings = _initial_state(config, model_cfg, tx, mesh, checkpoints)
+    start, best = meta["data_position"], meta["best"]
+
+    model = DPIQA(model_cfg, dtype=jnp.dtype(config.model.dtype))
+    train_step = compile_train_step(model, tx, mesh, shardings, latent_mode=config.model.latents,
+                                    rank_weight=config.loss.rank_weight)
+    eval_step = compile_eval_step(model, mesh, shardings.full_params(), latent_mode=config.eval.latents)
+    embeddings_on_mesh = state_lib.place(embeddings, mesh_lib.replicated(mesh))
+    reporter = Reporter(workdir, total_steps, start, config.batch_size)
+    run = _Run(config, data, reporter, checkpoints, eval_step, embeddings_on_mesh, best)
+    try:
+        state, final = run.train(state, train_step, start, total_steps, lr, steps_per_epoch)
+        checkpoints.wait()
+        results = {"final": final, "best": {BEST[name]: meta for name, meta in run.best.items()}}
+        reporter.results(results["final"], results["best"])
+        return results
+    finally:
+        reporter.close()
+        checkpoints.close()
+
+
+def _initial_state(config, model_cfg, tx, mesh, checkpoints):
+    """(state, meta, state shardings): the latest checkpoint if there is one, else a fresh start."""
+    if checkpoints.latest_step() is None:
+        # XLA's RngBitGenerator compiles in a fraction of threefry's time, which dominates compiling init.
+        init_key = jax.random.key(config.seed, impl="unsafe_rbg")
+        params = teacher.init_teacher_params(model_cfg, init_key, config.model.sd_dir)
+        _, shardings = _layout(jax.eval_shape(lambda: params), tx, mesh)
+        state = state_lib.create_state(params, tx, jax.random.PRNGKey(config.seed), shardings)
+        return state, {"step": 0, "data_position": 0, "best": {name: None for name in BEST}}, shardings
+    abstract, shardings = _layout(teacher.param_shapes(model_cfg), tx, mesh)
+    abstract_params = with_shardings(abstract.full_params(), shardings.full_params())
+    abstract_opt = with_shardings(abstract.opt_state, shardings.opt_state)
+    params, opt_state, meta = checkpoints.restore_latest(abstract_params, abstract_opt)
+    trainable, frozen = state_lib.split_params(params)
+    state = state_lib.TrainState(
+        step=state_lib.place(jnp.asarray(meta["step"], jnp.int32), shardings.step), params=trainable,
+        frozen=frozen, opt_state=opt_state,
+        rng=state_lib.place(np.asarray(meta["rng"], np.uint32), shardings.rng))
+    return state, meta, shardings
+
+
+def _layout(param_shapes, tx, mesh):
+    """(abstract state, its shardings on `mesh`)."""
+    abstract = state_lib.abstract_state(param_shapes, tx)
+    return abstract, state_lib.state_shardings(mesh, abstract)
+
+
+class _Run:
+    """The loop's moving parts; one object so that each piece of the loop is a short method."""
+
+    def __init__(self, config, data, reporter, checkpoints, eval_step, embeddings, best):
+        self.config, self.data, self.reporter, self.checkpoints = config, data, reporter, checkpoints
+        self.eval_step, self.embeddings, self.best = eval_step, embeddings, best
+        self.pending: list[tuple[int, dict]] = []
+
+    def train(self, state, train_step, start: int, total: int, lr, steps_per_epoch: int):
+        cfg = self.config
+        batches = self.data.train_batches(start) if start < total else None
+        final: Optional[dict] = None
+        for step in range(start + 1, total + 1):
+            state, step_metrics = train_step(state, next(batches), self.embeddings)
+            self.pending.append((step, step_metrics))
+            self.reporter.step()
+            evaluate = step % cfg.eval.every == 0 or step == total
+            save = step % cfg.checkpoint.every == 0 or step == total
+            if step % cfg.log_every == 0 or evaluate or save:
+                self.flush(step, lr, steps_per_epoch)
+            if evaluate:
+                final = self.evaluate(state, step)
+            if save:
+                self.save_latest(state, step)
+        if batches is not None:
+            batches.close()
+        if final is None:  # resumed from the last step's checkpoint
+            final = self.evaluate(state, total)
+        return state, final
+
+    def flush(self, step: int, lr, steps_per_epoch: int) -> None:
+        """Fetches the window's metrics, stops on the first non-finite step, logs the window mean."""
+        window = [(at, mesh_lib.host_values(values)) for at, values in self.pending]
+        self.pending = []
+        for at, values in window:
+            if not values["is_finite"]:
+                bad = [k for k in ("loss", "grad_norm") if not math.isfinite(float(values[k]))]
+                self.reporter.write(at, "train", {k: float(v) for k, v in values.items()})
+                self.checkpoints.wait()
+                raise NonFiniteError(f"non-finite {' and '.join(bad)} at step {at}: training stopped; "
+                                     f"the last good checkpoint is kept")
+        names = [k for k in window[0][1] if k != "is_finite"]
+        record = {k: float(np.mean([float(v[k]) for _, v in window])) for k in names}
+        record.update(learning_rate=float(lr(step - 1)), epoch=step / steps_per_epoch,
+                      images_per_second=self.reporter.images_per_second(step))
+        self.reporter.write(step, "train", record)
+
+    def evaluate(self, state, step: int) -> dict:
+        """Scores the eval split, logs its metrics, and keeps the best checkpoints."""
+        key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), EVAL_SEED)
+        values, _ = evaluator.evaluate(self.eval_step, state.full_params(), self.data.eval_batches(),
+                                       self.embeddings, key)
+        self.reporter.write(step, "test", values)
+        for name, metric in BEST.items():
+            previous = self.best[name]
+            if metrics.is_better(values[metric], previous and previous["metrics"][metric]):
+                self.best[name] = {"step": step, "metrics": values}
+                self.checkpoints.save_best(name, step, state.full_params(), self.best[name])
+        return {"step": step, "metrics": values}
+
+    def save_latest(self, state, step: int) -> None:
+        """The state with what resuming needs: RNG, data position, and the best evaluations so far."""
+        meta = {"step": step, "rng": [int(x) for x in mesh_lib.host_values(state.rng)],
+                "data_position": step, "best": self.best}
+        self.checkpoints.save_latest(step, state.full_params(), state.opt_state, meta)

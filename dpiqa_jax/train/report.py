@@ -1,0 +1,103 @@
+"""What a run writes for people: DIR/metrics.jsonl, TensorBoard events in DIR/tensorboard,
+DIR/results.json, and a progress bar. Only process 0 writes; the others get no-ops."""
+import json
+import math
+import os
+import time
+from typing import Optional
+
+import jax
+from tqdm import tqdm
+
+
+class Reporter:
+    def __init__(self, workdir: str, total_steps: int, first_step: int, images_per_step: int):
+        """A run resumed at `first_step` repeats what came after it: their old records are dropped
+        (and the evaluation at `first_step` itself when that is the last step, which is redone)."""
+        self.workdir, self.images_per_step = workdir, images_per_step
+        self.active = jax.process_index() == 0
+        self.metrics_path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if self.active:
+            _truncate(self.metrics_path, first_step, redo_eval=first_step == total_steps)
+        self.bar = tqdm(total=total_steps, initial=first_step, disable=not self.active, dynamic_ncols=True,
+                        unit="step", desc="train")
+        self._window = (first_step, time.perf_counter())
+
+    def step(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def images_per_second(self, step: int) -> float:
+        """Throughput since the previous call (the log window), wall clock."""
+        last_step, last_time = self._window
+        now = time.perf_counter()
+        self._window = (step, now)
+        return (step - last_step) * self.images_per_step / max(now - last_time, 1e-9)
+
+    def write(self, step: int, split: str, values: dict) -> None:
+        """One record of metrics.jsonl and its TensorBoard scalars (tag `split/name`)."""
+        if not self.active:
+            return
+        record = {"step": int(step), "split": split, **{k: _plain(v) for k, v in values.items()}}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self._tensorboard(step, split, record)
+        if split == "train":
+            self.bar.set_postfix(loss=f"{values.get('loss', math.nan):.4g}",
+                                 img_s=f"{values.get('images_per_second', 0):.1f}", refresh=False)
+        else:
+            self.bar.write(f"step {step} {split}: " + " ".join(
+                f"{k} {v:.4f}" for k, v in record.items() if k in ("srcc", "plcc", "krcc", "rmse")))
+
+    def results(self, final: dict, best: dict) -> None:
+        """DIR/results.json: the final evaluation and the best of each metric, with its step."""
+        if self.active:
+            with open(os.path.join(self.workdir, "results.json"), "w") as f:
+                json.dump({"final": final, "best": best}, f, indent=2)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self._tb is not None:
+            self._tb.close()
+
+    def _tensorboard(self, step: int, split: str, record: dict) -> None:
+        """Scalars as TensorBoard's scalar plugin writes them (tensorflow-cpu ships no `tensorboard`
+        package, which tf.summary.scalar needs)."""
+        import tensorflow as tf
+        from tensorflow.core.framework import summary_pb2
+
+        if self._tb is None:
+            try:
+                tf.config.set_visible_devices([], "GPU")  # TF must leave accelerators to JAX
+            except RuntimeError:  # TF already initialised by the input pipeline
+                pass
+            self._tb = tf.summary.create_file_writer(os.path.join(self.workdir, "tensorboard"))
+        scalar = summary_pb2.SummaryMetadata(
+            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+        with self._tb.as_default(step=int(step)):
+            for name, value in record.items():
+                if name not in ("step", "split") and isinstance(value, (int, float)):
+                    tf.summary.write(f"{split}/{name}", tf.constant(value, tf.float32), metadata=scalar)
+        self._tb.flush()
+
+
+def _plain(value):
+    if hasattr(value, "item"):
+        value = value.item()
+    return value
+
+
+def _truncate(path: str, step: int, redo_eval: bool) -> None:
+    if not os.path.exists(path):
+        return
+    keep = lambda r: r["step"] < step or (r["step"] == step and not (redo_eval and r["split"] != "train"))
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and keep(json.loads(line))]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def read_metrics(workdir: str, split: Optional[str] = None) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [r for r in records if split is None or r["split"] == split]

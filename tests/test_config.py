@@ -1,0 +1,73 @@
+"""Config files, `--config.KEY=VALUE` overrides and their one-line errors (no model, no data)."""
+import pathlib
+
+import pytest
+
+from dpiqa_jax.errors import UserError
+from dpiqa_jax.train import config_util
+
+CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("name", ["koniq10k", "live_challenge", "flive", "spaq", "demo", "demo:smoke"])
+def test_every_config_loads_locked(name):
+    file, _, arg = name.partition(":")
+    config = config_util.load_config(f"{CONFIGS / file}.py" + (f":{arg}" if arg else ""))
+    assert config.is_locked
+    with pytest.raises(AttributeError):
+        config.no_such_key = 1
+
+
+def test_authors_milestones_and_hyperparameters():
+    milestones = {"koniq10k": (5,), "live_challenge": (10,), "flive": (2,), "spaq": (5,)}
+    for name, expected in milestones.items():
+        config = config_util.load_config(str(CONFIGS / f"{name}.py"))
+        assert (config.optim.lr, config.batch_size, config.epochs, config.eval.every) == (1e-5, 16, 30, 250)
+        assert config.optim.milestones == expected and config.optim.decay == 0.2
+        assert config.dataset.name == name
+
+
+def test_overrides_are_parsed_to_the_declared_types():
+    config = config_util.load_config(str(CONFIGS / "koniq10k.py"))
+    pairs = config_util.split_override_args(
+        ["--config.optim.lr=2e-5", "--config.batch_size", "8", "--config.checkpoint.async_save=false",
+         "--config.optim.milestones=3,7", "--config.model.sd_dir=none", "--config.model.arch.latent_size=32"])
+    config_util.apply_overrides(config, pairs)
+    assert config.optim.lr == 2e-5 and config.batch_size == 8 and config.checkpoint.async_save is False
+    assert config.optim.milestones == (3, 7) and config.model.sd_dir is None
+    assert config.model.arch.latent_size == 32
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config.optim.lrr=1"], "unknown config key 'optim.lrr'; valid keys: batch_size,"),
+    (["--config.batch_size=eight"], "config key 'batch_size' takes a int, got 'eight'"),
+    (["--config.checkpoint.async_save=maybe"], "config key 'checkpoint.async_save' takes a bool"),
+    (["--config.optim=1"], "unknown config key 'optim'"),
+    (["--workdir2", "x"], "unrecognised argument '--workdir2'"),
+    (["--config.seed"], "--config.seed needs a value"),
+])
+def test_bad_overrides_are_one_line_errors(argv, message):
+    config = config_util.load_config(str(CONFIGS / "koniq10k.py"))
+    with pytest.raises(UserError) as error:
+        config_util.apply_overrides(config, config_util.split_override_args(argv))
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_missing_config_file_and_missing_get_config(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        config_util.load_config(str(tmp_path / "nope.py"))
+    (tmp_path / "empty.py").write_text("X = 1\n")
+    with pytest.raises(UserError, match="no get_config"):
+        config_util.load_config(str(tmp_path / "empty.py"))
+
+
+def test_validation_names_bad_choices_and_missing_paths():
+    from dpiqa_jax.train.loop import validate
+
+    config = config_util.load_config(str(CONFIGS / "demo.py"))
+    config.model.latents = "median"
+    with pytest.raises(UserError, match="'model.latents' is 'median'; choose one of 'sample', 'mean'"):
+        validate(config)
+    config = config_util.load_config(str(CONFIGS / "koniq10k.py"))
+    with pytest.raises(UserError, match="config key 'model.sd_dir': path '~/models/stable-diffusion-v1-5'"):
+        validate(config)

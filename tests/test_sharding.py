@@ -1,0 +1,87 @@
+"""Sharding: the FSDP rule, the step on meshes of 8 simulated CPU devices, and `demo.py:smoke`
+giving the same losses and metrics on 1 device, on 8 devices with FSDP, and as 2 processes."""
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from train_helpers import REPO, check, environment, free_port, records, results, run, train_command
+
+from dpiqa_jax.train.mesh import fsdp_spec
+
+pytest_plugins = ("train_fixtures",)  # the session fixtures train_root and smoke_run
+
+RTOL = 1e-4  # 8 devices, FSDP and 2 processes agree with 1 device to this, per step and over a run
+
+
+@pytest.mark.parametrize("shape, size, spec", [
+    ((320, 640, 3, 3), 8, (None, "fsdp", None, None)),  # the largest divisible dimension
+    ((3, 3, 4, 320), 8, (None, None, None, "fsdp")),
+    ((768,), 8, ("fsdp",)),
+    ((1485, 7), 8, ()),  # nothing divisible: replicated
+    ((), 8, ()),
+    ((320, 640), 1, ()),  # no fsdp axis
+    ((640, 640), 4, ("fsdp", None)),  # ties: the first
+])
+def test_fsdp_spec_cuts_the_largest_divisible_dimension(shape, size, spec):
+    assert tuple(fsdp_spec(shape, size)) == spec
+
+
+def test_step_on_8_devices_matches_1_device(tmp_path):
+    """The stand-in teacher's steps (sampled latents, ranking loss) on 1 device, data-parallel over
+    8, FSDP over 8, and 2 x 4: same losses and parameters; FSDP shards params and Adam moments."""
+    env = environment(tmp_path, devices=8)
+    result = subprocess.run([sys.executable, "sharding_script.py"], env=env, cwd=REPO / "tests",
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = json.loads(result.stdout)
+    one = runs.pop("one")
+    for name, other in runs.items():
+        for a, b in zip(one["losses"], other["losses"], strict=True):
+            assert math.isclose(a, b, rel_tol=RTOL), (name, one["losses"], other["losses"])
+        np.testing.assert_allclose(other["body"], one["body"], rtol=RTOL, atol=1e-6, err_msg=name)
+    assert runs["data8"]["body_spec"] == "P()"
+    for name in ("fsdp8", "data2_fsdp4"):
+        assert "fsdp" in runs[name]["body_spec"] and "fsdp" in runs[name]["mu_spec"], runs[name]
+        assert "fsdp" in runs[name]["vae_spec"]
+
+
+def assert_same_run(reference, other):
+    """Every logged train step's losses and every evaluation's metrics within RTOL."""
+    for split, names in (("train", ("loss", "mse", "grad_norm")), ("test", ("srcc", "plcc", "krcc", "rmse"))):
+        ref, got = records(reference, split), records(other, split)
+        assert [r["step"] for r in ref] == [r["step"] for r in got]
+        for a, b in zip(ref, got, strict=True):
+            for name in names:
+                close = math.isclose(a[name], b[name], rel_tol=RTOL, abs_tol=1e-6)
+                assert close, (split, a["step"], name, a[name], b[name])
+    assert results(reference)["best"]["srcc"]["step"] == results(other)["best"]["srcc"]["step"]
+
+
+# The 1-device reference is asked for after each run, so that under pytest-xdist the runs of
+# different workers overlap instead of queueing behind it.
+
+
+@pytest.mark.slow
+def test_smoke_run_on_8_devices_with_fsdp_matches_1_device(train_root, tmp_path, request):
+    """8 simulated devices as a 4 (data) x 2 (fsdp) mesh: data parallelism and FSDP at once."""
+    workdir = tmp_path / "run"
+    check(run(train_command(workdir, train_root, "--config.mesh.fsdp=2"), environment(train_root, devices=8)))
+    assert_same_run(request.getfixturevalue("smoke_run"), workdir)
+
+
+@pytest.mark.slow
+def test_smoke_run_as_2_processes_with_fsdp_matches_1_device(train_root, tmp_path, request):
+    """Two jax.distributed processes on localhost (gloo collectives), one device each, the params
+    sharded across them (fsdp 2), each reading its half of every batch."""
+    workdir, port = tmp_path / "run", free_port()
+    env = environment(train_root, devices=1)
+    procs = [subprocess.Popen(train_command(workdir, train_root, "--config.mesh.fsdp=2") + [
+        "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(f"process {i}: {err[-2000:]}"
+                                                             for i, err in enumerate(outputs))
+    assert_same_run(request.getfixturevalue("smoke_run"), workdir)

@@ -1,0 +1,121 @@
+"""`dpiqa-jax train` / `evaluate` end to end on `demo.py:smoke`, run as users run them: the files a
+run writes, resuming (also after SIGKILL), a NaN stop, loading a workdir for inference."""
+import json
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from train_helpers import CLI, REPO, check, environment, records, results, run, train_command
+
+from dpiqa_jax.teacher import restore_teacher
+
+pytest_plugins = ("train_fixtures",)  # the session fixtures train_root and smoke_run
+pytestmark = pytest.mark.slow
+
+
+def test_a_run_writes_metrics_results_events_and_checkpoints(smoke_run):
+    for name in ("model.json", "prompt_embeddings.npy", "metrics.jsonl", "results.json"):
+        assert (smoke_run / name).is_file(), name
+    assert list((smoke_run / "tensorboard").glob("events.out.tfevents.*"))
+    train, test = records(smoke_run, "train"), records(smoke_run, "test")
+    assert [r["step"] for r in train] == [3, 6, 9, 12] and [r["step"] for r in test] == [6, 12]
+    assert {"loss", "grad_norm", "learning_rate", "images_per_second", "epoch"} <= set(train[0])
+    assert {"srcc", "plcc", "plcc_logistic", "krcc", "rmse", "rmse_logistic"} <= set(test[0])
+    assert test[0]["num_images"] == 8
+    final, best = results(smoke_run)["final"], results(smoke_run)["best"]
+    assert final == {"step": 12, "metrics": {k: v for k, v in test[1].items() if k not in ("step", "split")}}
+    for metric in ("srcc", "plcc"):
+        top = max(test, key=lambda r: r[metric])  # the first of equals
+        assert best[metric]["step"] == top["step"] and best[metric]["metrics"][metric] == top[metric]
+        steps = [p.name for p in (smoke_run / "checkpoints" / f"best_{metric}").iterdir() if p.name.isdigit()]
+        assert steps == [str(top["step"])]
+    assert [p.name for p in (smoke_run / "checkpoints" / "latest").iterdir() if p.name.isdigit()] == ["12"]
+
+
+def test_rerunning_a_finished_run_changes_nothing(smoke_run, train_root, tmp_path):
+    import shutil
+
+    workdir = tmp_path / "copy"
+    shutil.copytree(smoke_run, workdir)
+    check(run(train_command(workdir, train_root), environment(train_root)))
+    assert results(workdir) == results(smoke_run)
+    assert (workdir / "metrics.jsonl").read_text() == (smoke_run / "metrics.jsonl").read_text()
+
+
+def test_resume_after_sigkill_ends_as_the_uninterrupted_run(smoke_run, train_root, tmp_path):
+    """Killed (SIGKILL) once its first checkpoint (step 6) is on disk, then re-run: on the CPU the
+    result is bit-identical to the uninterrupted run."""
+    workdir = tmp_path / "killed"
+    process = subprocess.Popen(train_command(workdir, train_root), env=environment(train_root), cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = workdir / "checkpoints" / "latest" / "6"
+    deadline = time.time() + 600
+    while not first.is_dir() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before it could be killed: " + process.stderr.read()[-2000:]
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (workdir / "results.json").exists()
+    check(run(train_command(workdir, train_root), environment(train_root)))
+    assert results(workdir) == results(smoke_run)
+    for split in ("train", "test"):
+        assert without_clock(records(workdir, split)) == without_clock(records(smoke_run, split))
+
+
+def without_clock(rows):
+    return [{k: v for k, v in r.items() if k != "images_per_second"} for r in rows]
+
+
+def test_a_nan_loss_stops_the_run_and_saves_nothing(train_root, tmp_path):
+    nan = np.full((64, 32), np.nan, np.float32)  # demo.py's prompt matrix shape, all NaN
+    np.save(tmp_path / "nan.npy", nan)
+    workdir = tmp_path / "nan"
+    result = run(train_command(workdir, train_root, f"--config.model.embeddings={tmp_path / 'nan.npy'}"),
+                 environment(train_root))
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("dpiqa-jax train: error: non-finite loss and grad_norm at step 1"), last
+    assert not [p for p in (workdir / "checkpoints" / "latest").iterdir() if p.name.isdigit()]
+    assert records(workdir, "train")[-1]["step"] == 1
+
+
+def test_restore_teacher_from_a_workdir_or_a_checkpoint_folder(smoke_run):
+    cfg, params, embeddings = restore_teacher(str(smoke_run))
+    from dpiqa_jax.teacher import teacher_config_from_dict
+
+    assert cfg == teacher_config_from_dict(json.loads((smoke_run / "model.json").read_text()))
+    np.testing.assert_array_equal(embeddings, np.load(smoke_run / "prompt_embeddings.npy"))
+    assert set(params) == {"vae", "unet", "img_adapter", "text_adapter", "gamma", "QFD"}
+    best = smoke_run / "checkpoints" / "best_srcc"
+    for path in (best, best / str(results(smoke_run)["best"]["srcc"]["step"])):
+        _, same, _ = restore_teacher(str(path))
+        np.testing.assert_array_equal(same["gamma"], params["gamma"])
+    _, latest, _ = restore_teacher(str(smoke_run / "checkpoints" / "latest"))
+    assert latest["QFD"]["fc3"]["kernel"].shape == params["QFD"]["fc3"]["kernel"].shape
+
+
+def test_evaluate_command_reproduces_the_best_evaluation(smoke_run, train_root, tmp_path):
+    out = tmp_path / "eval"
+    check(run(CLI + ["evaluate", "--checkpoint", str(smoke_run),
+               "--dataset", "synthetic_iqa/tiny", "--protocol", "official", "--batch-size", "32",
+               "--data-dir", str(train_root / "tfds"), "--output", str(out)], environment(train_root)))
+    got = json.loads((out / "results.json").read_text())
+    best = results(smoke_run)["best"]["srcc"]["metrics"]
+    assert got["num_images"] == 8 and got["srcc"] == pytest.approx(best["srcc"], abs=1e-6)
+    assert got["plcc"] == pytest.approx(best["plcc"], rel=1e-5)
+    assert len((out / "predictions.csv").read_text().splitlines()) == 9
+
+
+def test_config_mistakes_are_one_line_errors_before_any_work(train_root, tmp_path):
+    workdir = tmp_path / "never"
+    for override, message in (
+            ("--config.optim.lrr=1", "unknown config key 'optim.lrr'; valid keys: batch_size, checkpoint."),
+            ("--config.batch_size=x", "config key 'batch_size' takes a int, got 'x'"),
+            ("--config.model.sd_dir=/no/such/sd", "config key 'model.sd_dir': path '/no/such/sd' does not")):
+        result = run(train_command(workdir, train_root, override), environment(train_root), timeout=120)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert lines[0].startswith(f"dpiqa-jax train: error: {message}"), lines[0]
+        assert not workdir.exists()

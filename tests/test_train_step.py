@@ -1,0 +1,123 @@
+"""The train/eval steps, losses and schedules, on a stand-in model that compiles in a second."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from train_fakes import FakeTeacher, adam, fake_batch, fake_params
+
+from dpiqa_jax.train import mesh as mesh_lib
+from dpiqa_jax.train import schedule
+from dpiqa_jax.train import state as state_lib
+from dpiqa_jax.train.step import compile_eval_step, compile_train_step, ranking_loss
+
+
+def make(latent_mode="sample", rank_weight=0.0, mesh=None):
+    mesh = mesh or mesh_lib.make_mesh(1)
+    tx, params = adam(), fake_params()
+    abstract = state_lib.abstract_state(jax.eval_shape(lambda: params), tx)
+    shardings = state_lib.state_shardings(mesh, abstract)
+    state = state_lib.create_state(params, tx, jax.random.PRNGKey(0), shardings)
+    step = compile_train_step(FakeTeacher(), tx, mesh, shardings, latent_mode=latent_mode,
+                              rank_weight=rank_weight)
+    return state, step, jnp.ones((4, 8))
+
+
+def copy(state):
+    return jax.tree.map(jnp.copy, state)  # the step donates its input
+
+
+def test_ranking_loss_matches_the_authors_pairwise_loop():
+    rng = np.random.default_rng(0)
+    pred, target = rng.normal(size=12), rng.uniform(size=12)
+    margin = 0.25 * np.std(target, ddof=1)  # torch's Tensor.std is unbiased
+    pairs = [max(0.0, -np.sign(target[i] - target[j]) * (pred[i] - pred[j]) + margin)
+             for i, j in itertools.combinations(range(12), 2)]
+    loss = ranking_loss(jnp.asarray(pred), jnp.asarray(target))
+    np.testing.assert_allclose(loss, np.mean(pairs), rtol=1e-6)
+
+
+def test_vae_is_frozen_without_optimizer_state():
+    state, step, embeddings = make()
+    vae_before = jax.tree.map(np.asarray, state.frozen)
+    params_before = jax.tree.map(np.asarray, state.params)
+    assert set(state.frozen) == {"vae"} and "vae" not in state.params
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]]
+    assert paths and not any("vae" in p for p in paths)
+    for _ in range(3):
+        state, _ = step(state, fake_batch(), embeddings)
+    jax.tree.map(np.testing.assert_array_equal, state.frozen, vae_before)
+    assert not np.allclose(state.params["head"]["kernel"], params_before["head"]["kernel"])
+    assert int(state.step) == 3
+
+
+def test_training_reduces_the_loss_and_reports_its_metrics():
+    state, step, embeddings = make(latent_mode="mean")
+    losses = []
+    for _ in range(30):
+        state, metrics = step(state, fake_batch(), embeddings)
+        losses.append(float(metrics["loss"]))
+    assert set(metrics) == {"loss", "mse", "rank_loss", "grad_norm", "param_norm", "is_finite"}
+    assert bool(metrics["is_finite"]) and float(metrics["grad_norm"]) > 0
+    assert losses[-1] < 0.2 * losses[0]
+
+
+def test_rank_weight_adds_the_ranking_loss():
+    state, step, embeddings = make(rank_weight=0.5)
+    _, metrics = step(state, fake_batch(), embeddings)
+    assert float(metrics["rank_loss"]) > 0
+    np.testing.assert_allclose(metrics["loss"], metrics["mse"] + 0.5 * metrics["rank_loss"], rtol=1e-6)
+
+
+def test_a_non_finite_loss_is_flagged():
+    state, step, embeddings = make()
+    batch = fake_batch()
+    batch["target"][3] = np.nan
+    _, metrics = step(state, batch, embeddings)
+    assert not bool(metrics["is_finite"])
+
+
+@pytest.mark.parametrize("mode, differ", [("sample", True), ("mean", False)])
+def test_latent_draws_depend_on_the_step_number_only(mode, differ):
+    state, step, embeddings = make(latent_mode=mode)
+    loss = lambda s: float(step(copy(s), fake_batch(), embeddings)[1]["loss"])
+    at_0, again_0 = loss(state), loss(state)
+    at_5 = loss(state.replace(step=state.step + 5))
+    assert at_0 == again_0  # a resumed run at step k draws what the uninterrupted one drew
+    assert (at_0 != at_5) == differ
+
+
+def test_eval_step_scores_with_the_posterior_mean_and_keeps_the_mask():
+    state, _, embeddings = make()
+    mesh = mesh_lib.make_mesh(1)
+    shardings = jax.tree.map(lambda _: mesh_lib.replicated(mesh), state.full_params())
+    evaluate = compile_eval_step(FakeTeacher(), mesh, shardings, latent_mode="mean")
+    batch = fake_batch(8) | {"mask": np.array([1, 1, 1, 1, 1, 1, 0, 0], np.float32)}
+    out = evaluate(state.full_params(), batch, embeddings, jax.random.PRNGKey(1))
+    expected, _ = FakeTeacher().apply({"params": state.full_params()}, batch["image"], embeddings)
+    np.testing.assert_allclose(out["score"], expected, rtol=1e-6)
+    np.testing.assert_array_equal(out["mask"], batch["mask"])
+    np.testing.assert_array_equal(out["target"], batch["target"])
+
+
+def optim(**kw):
+    fields = dict(lr=1e-5, b1=0.9, b2=0.999, eps=1e-8, schedule="step", milestones=(5,), decay=0.2,
+                  warmup_steps=0, final_lr_ratio=0.0)
+    return ml_collections.ConfigDict(fields | kw)
+
+
+def test_step_decay_lands_after_each_milestone_epoch():
+    lr = schedule.learning_rate(optim(milestones=(2, 4)), steps_per_epoch=10, total_steps=300)
+    for step, expected in [(0, 1e-5), (19, 1e-5), (20, 2e-6), (39, 2e-6), (40, 4e-7), (299, 4e-7)]:
+        assert float(lr(step)) == pytest.approx(expected, rel=1e-6), step
+
+
+def test_warmup_cosine():
+    lr = schedule.learning_rate(optim(schedule="cosine", lr=1e-3, warmup_steps=10, final_lr_ratio=0.1),
+                                steps_per_epoch=10, total_steps=110)
+    assert float(lr(0)) == 0.0
+    assert float(lr(10)) == pytest.approx(1e-3)
+    assert float(lr(60)) == pytest.approx(0.55e-3, rel=1e-4)
+    assert float(lr(110)) == pytest.approx(1e-4)

@@ -1,0 +1,69 @@
+"""Running `dpiqa-jax train` as users do, in subprocesses, for the training tests.
+
+Compiling the tiny teacher dominates these tests, so every subprocess shares one JAX compilation
+cache (see train_fixtures.py for what else is made once per session)."""
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = str(REPO / "configs" / "demo.py") + ":smoke"
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def shared_root(tmp_path_factory) -> Path:
+    """A folder shared by every xdist worker of this session."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "train_shared"
+
+
+def environment(root: Path, devices: int = 1) -> dict:
+    # Optimisation level 0: XLA compiles the tiny teacher twice as fast, and these runs are short.
+    flags = f"--xla_backend_optimization_level=0 --xla_force_host_platform_device_count={devices}"
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+                JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"), TF_CPP_MIN_LOG_LEVEL="3")
+
+
+CLI = [sys.executable, "-m", "dpiqa_jax.cli"]  # `dpiqa-jax` in a fresh interpreter
+
+
+def train_command(workdir: Path, root: Path, *overrides: str) -> list[str]:
+    return CLI + ["train", "--config", SMOKE, "--workdir", str(workdir),
+                  f"--config.dataset.data_dir={root / 'tfds'}", *overrides]
+
+
+def run(command: list[str], env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def records(workdir: Path, split: str) -> list[dict]:
+    with open(workdir / "metrics.jsonl") as f:
+        return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+def results(workdir: Path) -> dict:
+    with open(workdir / "results.json") as f:
+        return json.load(f)
