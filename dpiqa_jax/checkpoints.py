@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 from dpiqa_jax.errors import UserError
 
 MODEL_FILE, EMBEDDINGS_FILE = "model.json", "prompt_embeddings.npy"
+STUDENT_FILE = "student.json"  # a distillation workdir's StudentSpec, in place of model.json
 CHECKPOINTS, PARAMS = "checkpoints", "params"
 LATEST, BEST = "latest", ("best_srcc", "best_plcc")
 

@@ -6,7 +6,7 @@ import sys
 
 from dpiqa_jax.errors import UserError
 
-COMMANDS = ("train", "evaluate", "export", "predict", "embed_prompts")
+COMMANDS = ("train", "evaluate", "distill", "export", "predict", "embed_prompts")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,7 @@
 """Student checkpoints in every form we read, and our own weight files.
 
 Read: the authors' state dict (`.pth`, or `.safetensors` with their names), our exports (`.msgpack`,
-`.safetensors`) and, later, training folders (`restore_student_checkpoint`). Our exports carry a
+`.safetensors`) and distillation workdirs (`restore_student_checkpoint`). Our exports carry a
 manifest (JSON): format and version, the StudentSpec, every tensor's name, shape and dtype, and a
 sha256 of the tensors, so that a changed, truncated or mislabelled file is refused by name.
 """
@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization, traverse_util
 
+from dpiqa_jax import checkpoints
 from dpiqa_jax.errors import UserError
 from dpiqa_jax.models.student import Student
 from dpiqa_jax.weights import torch_files
@@ -205,9 +206,14 @@ def _pickle_keys(path: str) -> list:
 # --- entry points ------------------------------------------------------------------------------
 
 def is_student_checkpoint(path) -> bool:
-    """Whether a file holds a student: one of our exports, or a state dict with `base_model.` keys.
-    Folders and missing files are not (the teacher loader takes them)."""
+    """Whether `path` holds a student: a distillation workdir or checkpoint folder, one of our
+    exports, or a state dict with `base_model.` keys."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        try:
+            return bool(checkpoints.resolve(path, checkpoints.STUDENT_FILE))
+        except UserError:
+            return False
     if not os.path.isfile(path):
         return False
     if path.endswith(".msgpack"):
@@ -220,8 +226,12 @@ def is_student_checkpoint(path) -> bool:
 
 
 def restore_student_checkpoint(folder: str) -> tuple[StudentSpec, Variables]:
-    """(StudentSpec, variables) from a distillation workdir or an orbax checkpoint folder."""
-    raise UserError(f"{folder}: student checkpoint folders are not supported yet")
+    """(StudentSpec, variables) from a distillation workdir (its best-by-SRCC checkpoint, else the
+    latest) or one of its checkpoint or step folders."""
+    run_dir, step_dir = checkpoints.resolve(folder, checkpoints.STUDENT_FILE)
+    with open(os.path.join(run_dir, checkpoints.STUDENT_FILE)) as f:
+        spec = StudentSpec.from_dict(json.load(f))
+    return spec, checkpoints.restore_item(step_dir)
 
 
 def load_student(path, spec: Optional[StudentSpec] = None) -> tuple[StudentSpec, Variables]:

@@ -10,15 +10,22 @@ from dpiqa_jax.errors import UserError
 
 
 def register(subparsers) -> None:
+    parser = add_run_parser(subparsers, "train", "train the teacher (resumes when WORKDIR has a checkpoint)",
+                            __doc__)
+    parser.set_defaults(run=run)
+
+
+def add_run_parser(subparsers, name: str, help_text: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of a command that runs the training loop: --config, --workdir, multi-host
+    arguments and --config.KEY=VALUE overrides."""
     parser = subparsers.add_parser(
-        "train", help="train the teacher (resumes when WORKDIR has a checkpoint)",
-        description=__doc__.splitlines()[0],
+        name, help=help_text, description=doc.splitlines()[0],
         epilog="Overrides: --config.KEY=VALUE (or --config.KEY VALUE), e.g. --config.optim.lr=2e-5.")
     parser.add_argument("--config", required=True, metavar="FILE.py[:ARG]", help="a config file")
     parser.add_argument("--workdir", required=True, help="checkpoints, metrics and results go here")
     add_distributed_arguments(parser)
     collect_config_overrides(parser)
-    parser.set_defaults(run=run)
+    return parser
 
 
 def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +60,11 @@ def collect_config_overrides(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    return run_config(args)
+
+
+def run_config(args, make_task=None) -> int:
+    """Loads the config with its overrides, then trains `make_task(config)` (default: the teacher)."""
     from dpiqa_jax.train import config_util
 
     pairs = config_util.split_override_args(args.overrides)
@@ -62,7 +74,7 @@ def run(args) -> int:
     from dpiqa_jax.train.loop import NonFiniteError, train_and_evaluate
 
     try:
-        results = train_and_evaluate(config, args.workdir)
+        results = train_and_evaluate(config, args.workdir, make_task and make_task(config))
     except NonFiniteError as e:
         raise UserError(str(e)) from None
     final = results["final"]["metrics"]

@@ -2,8 +2,8 @@
 
 A workdir holds everything needed to use the model again:
 
-    DIR/model.json              the TeacherConfig (teacher_config_to_dict)
-    DIR/prompt_embeddings.npy   the prompt embeddings the model was trained with
+    DIR/model.json              the TeacherConfig (teacher_config_to_dict); student.json for a student
+    DIR/prompt_embeddings.npy   the prompt embeddings the teacher was trained with
     DIR/checkpoints/latest      params, opt_state and meta (step, RNG, data position): for resume
     DIR/checkpoints/best_srcc   params and meta (step, metrics) of the best evaluation by SRCC
     DIR/checkpoints/best_plcc   the same by PLCC
@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dpiqa_jax.checkpoints import BEST, CHECKPOINTS, EMBEDDINGS_FILE, LATEST, MODEL_FILE
+from dpiqa_jax.checkpoints import BEST, CHECKPOINTS, EMBEDDINGS_FILE, LATEST
 from dpiqa_jax.errors import UserError
 
 
@@ -77,10 +77,10 @@ def _options(name: str, async_save: bool) -> ocp.CheckpointManagerOptions:
         multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name))
 
 
-def write_model_files(workdir: str, model_dict: dict, embeddings: np.ndarray) -> None:
-    """Writes model.json and the prompt embeddings once (primary process); on a rerun, refuses a
-    workdir that holds another model."""
-    path = os.path.join(workdir, MODEL_FILE)
+def write_model_files(workdir: str, model_file: str, model_dict: dict, embeddings=None) -> None:
+    """Writes `model_file` (JSON) and the prompt embeddings, if any, once (primary process); on a
+    rerun, refuses a workdir that holds another model."""
+    path = os.path.join(workdir, model_file)
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
@@ -90,7 +90,8 @@ def write_model_files(workdir: str, model_dict: dict, embeddings: np.ndarray) ->
         return
     os.makedirs(workdir, exist_ok=True)
     _atomic_write(path, lambda f: f.write(json.dumps(model_dict, indent=2).encode()))
-    _atomic_write(os.path.join(workdir, EMBEDDINGS_FILE), lambda f: np.save(f, np.asarray(embeddings)))
+    if embeddings is not None:
+        _atomic_write(os.path.join(workdir, EMBEDDINGS_FILE), lambda f: np.save(f, np.asarray(embeddings)))
 
 
 def _atomic_write(path: str, write) -> None:

@@ -5,8 +5,9 @@ fetched and checked: a non-finite loss or gradient stops the run there, before a
 state is saved. Every `eval.every` steps and at the end the test split is scored; the best
 evaluations by SRCC and PLCC are kept as checkpoints, the latest state every `checkpoint.every`.
 """
+import dataclasses
 import math
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ import ml_collections
 import numpy as np
 
 from dpiqa_jax import teacher
-from dpiqa_jax.checkpoints import with_shardings
+from dpiqa_jax.checkpoints import MODEL_FILE, with_shardings
 from dpiqa_jax.errors import UserError
 from dpiqa_jax.models.dpiqa import DPIQA
 from dpiqa_jax.train import checkpoint as ckpt_lib
@@ -56,30 +57,60 @@ def prompt_embeddings(config: ml_collections.ConfigDict, embed_dim: int) -> np.n
     return embeddings
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains (or resumes) the run in `workdir`; returns the contents of its results.json."""
-    validate(config)
-    mesh = mesh_lib.make_mesh(config.mesh.fsdp)
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What the loop trains: the model's description, its parameters and its pure steps."""
+
+    model_file: str  # the JSON in the workdir that describes the model (e.g. model.json)
+    model_dict: dict
+    embeddings: Optional[np.ndarray]  # the prompt matrix, written beside it (teachers)
+    image_size: int
+    param_shapes: Any  # the full parameter tree (trainable and frozen) as ShapeDtypeStructs
+    init_params: Callable[[], Any]
+    # (tx, mesh, state shardings) -> (train step, eval step, the steps' extra input placed on the mesh)
+    compile_steps: Callable
+
+
+def teacher_task(config: ml_collections.ConfigDict) -> Task:
     model_cfg = teacher.teacher_config_from_dict(config.model.arch.to_dict())
     embeddings = prompt_embeddings(config, model_cfg.embed_dim)
-    data = inputs.IQAData(config, model_cfg.image_size, mesh)
-    ckpt_lib.write_model_files(workdir, teacher.teacher_config_to_dict(model_cfg), embeddings)
+
+    def init_params():
+        # XLA's RngBitGenerator compiles in a fraction of threefry's time, which dominates compiling init.
+        return teacher.init_teacher_params(model_cfg, jax.random.key(config.seed, impl="unsafe_rbg"),
+                                           config.model.sd_dir)
+
+    def compile_steps(tx, mesh, shardings):
+        model = DPIQA(model_cfg, dtype=jnp.dtype(config.model.dtype))
+        train_step = compile_train_step(model, tx, mesh, shardings, latent_mode=config.model.latents,
+                                        rank_weight=config.loss.rank_weight)
+        eval_step = compile_eval_step(model, mesh, shardings.full_params(), latent_mode=config.eval.latents)
+        return train_step, eval_step, state_lib.place(embeddings, mesh_lib.replicated(mesh))
+
+    return Task(MODEL_FILE, teacher.teacher_config_to_dict(model_cfg), embeddings, model_cfg.image_size,
+                teacher.param_shapes(model_cfg), init_params, compile_steps)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Optional[Task] = None) -> dict:
+    """Trains (or resumes) the run in `workdir` (the teacher unless `task` says otherwise); returns
+    the contents of its results.json."""
+    validate(config)
+    mesh = mesh_lib.make_mesh(config.mesh.fsdp)
+    task = task or teacher_task(config)
+    data = inputs.IQAData(config, task.image_size, mesh)
+    ckpt_lib.write_model_files(workdir, task.model_file, task.model_dict, task.embeddings)
 
     steps_per_epoch = data.steps_per_epoch
     total_steps = config.num_steps or config.epochs * steps_per_epoch
     lr = schedule.learning_rate(config.optim, steps_per_epoch, total_steps)
     tx = schedule.optimizer(config.optim, lr)
     checkpoints = ckpt_lib.RunCheckpoints(workdir, async_save=config.checkpoint.async_save)
-    state, meta, shardings = _initial_state(config, model_cfg, tx, mesh, checkpoints)
+    state, meta, shardings = _initial_state(config, task, tx, mesh, checkpoints)
     start, best = meta["data_position"], meta["best"]
 
-    model = DPIQA(model_cfg, dtype=jnp.dtype(config.model.dtype))
-    train_step = compile_train_step(model, tx, mesh, shardings, latent_mode=config.model.latents,
-                                    rank_weight=config.loss.rank_weight)
-    eval_step = compile_eval_step(model, mesh, shardings.full_params(), latent_mode=config.eval.latents)
-    embeddings_on_mesh = state_lib.place(embeddings, mesh_lib.replicated(mesh))
+    train_step, eval_step, step_inputs = task.compile_steps(tx, mesh, shardings)
     reporter = Reporter(workdir, total_steps, start, config.batch_size)
-    run = _Run(config, data, reporter, checkpoints, eval_step, embeddings_on_mesh, best)
+    run = _Run(config, data, reporter, checkpoints, eval_step, step_inputs, best)
     try:
         state, final = run.train(state, train_step, start, total_steps, lr, steps_per_epoch)
         checkpoints.wait()
@@ -91,16 +122,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         checkpoints.close()
 
 
-def _initial_state(config, model_cfg, tx, mesh, checkpoints):
+def _initial_state(config, task: Task, tx, mesh, checkpoints):
     """(state, meta, state shardings): the latest checkpoint if there is one, else a fresh start."""
+    abstract, shardings = _layout(task.param_shapes, tx, mesh)
     if checkpoints.latest_step() is None:
-        # XLA's RngBitGenerator compiles in a fraction of threefry's time, which dominates compiling init.
-        init_key = jax.random.key(config.seed, impl="unsafe_rbg")
-        params = teacher.init_teacher_params(model_cfg, init_key, config.model.sd_dir)
-        _, shardings = _layout(jax.eval_shape(lambda: params), tx, mesh)
-        state = state_lib.create_state(params, tx, jax.random.PRNGKey(config.seed), shardings)
+        state = state_lib.create_state(task.init_params(), tx, jax.random.PRNGKey(config.seed), shardings)
         return state, {"step": 0, "data_position": 0, "best": {name: None for name in BEST}}, shardings
-    abstract, shardings = _layout(teacher.param_shapes(model_cfg), tx, mesh)
     abstract_params = with_shardings(abstract.full_params(), shardings.full_params())
     abstract_opt = with_shardings(abstract.opt_state, shardings.opt_state)
     params, opt_state, meta = checkpoints.restore_latest(abstract_params, abstract_opt)
@@ -121,9 +148,9 @@ def _layout(param_shapes, tx, mesh):
 class _Run:
     """The loop's moving parts; one object so that each piece of the loop is a short method."""
 
-    def __init__(self, config, data, reporter, checkpoints, eval_step, embeddings, best):
+    def __init__(self, config, data, reporter, checkpoints, eval_step, step_inputs, best):
         self.config, self.data, self.reporter, self.checkpoints = config, data, reporter, checkpoints
-        self.eval_step, self.embeddings, self.best = eval_step, embeddings, best
+        self.eval_step, self.step_inputs, self.best = eval_step, step_inputs, best
         self.pending: list[tuple[int, dict]] = []
 
     def train(self, state, train_step, start: int, total: int, lr, steps_per_epoch: int):
@@ -131,7 +158,7 @@ class _Run:
         batches = self.data.train_batches(start) if start < total else None
         final: Optional[dict] = None
         for step in range(start + 1, total + 1):
-            state, step_metrics = train_step(state, next(batches), self.embeddings)
+            state, step_metrics = train_step(state, next(batches), self.step_inputs)
             self.pending.append((step, step_metrics))
             self.reporter.step()
             evaluate = step % cfg.eval.every == 0 or step == total
@@ -169,7 +196,7 @@ class _Run:
         """Scores the eval split, logs its metrics, and keeps the best checkpoints."""
         key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), EVAL_SEED)
         values, _ = evaluator.evaluate(self.eval_step, state.full_params(), self.data.eval_batches(),
-                                       self.embeddings, key)
+                                       self.step_inputs, key)
         self.reporter.write(step, "test", values)
         for name, metric in BEST.items():
             previous = self.best[name]

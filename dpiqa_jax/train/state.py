@@ -13,14 +13,16 @@ from jax.sharding import Mesh
 
 from dpiqa_jax.train import mesh as mesh_lib
 
-FROZEN = ("vae",)
+# Top-level entries that the optimizer never sees: the teacher's VAE, a student's batch statistics
+# (updated by its step, not by gradients).
+FROZEN = ("vae", "batch_stats")
 
 
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array  # int32 scalar: optimizer steps taken
     params: Any  # trainable parameters: every top-level entry but FROZEN
-    frozen: Any  # {'vae': ...}
+    frozen: Any  # {'vae': ...} or {'batch_stats': ...}
     opt_state: Any
     rng: jax.Array  # uint32[2] base key; step k uses fold_in(rng, k), so a resume draws the same
 

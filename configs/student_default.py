@@ -1,0 +1,31 @@
+"""The student's fields (SPEC.md), added to a teacher config: the data, split and mesh stay the
+teacher's, so the student trains on the teacher's split. Dataset student configs call
+`authors_student(dataset config, milestones)`."""
+import ml_collections
+from default import optional_path
+
+
+def add_student(config: ml_collections.ConfigDict, variant: str = "b7", fc_width: int = 512):
+    config.unlock()
+    config.student = ml_collections.ConfigDict({
+        "variant": variant, "map_channels": 8, "fc_width": fc_width, "stochastic_depth_prob": 0.2,
+        # torchvision efficientnet_{variant} ImageNet weights (.pth or .safetensors); None = random init
+        "imagenet": optional_path(),
+    })
+    config.loss.map_weight = 1.0  # MSE(student map, teacher map) beside MSE(score, target)
+    # The teacher (architecture, weights, prompt matrix) comes from the --teacher checkpoint.
+    config.model.sd_dir = None
+    config.model.embeddings = None
+    config.lock()
+    return config
+
+
+def authors_student(config: ml_collections.ConfigDict, milestones: tuple) -> ml_collections.ConfigDict:
+    """The authors' distillation: B7 from ImageNet, Adam lr 1e-4, batch 24, 30 epochs, x0.2 at milestones."""
+    config = add_student(config)
+    config.student.imagenet = "~/models/efficientnet_b7.pth"
+    config.optim.lr = 1e-4
+    config.optim.milestones = milestones
+    config.batch_size = 24
+    config.epochs = 30
+    return config

@@ -1,0 +1,16 @@
+"""Distilling the demo teacher into a small student on synthetic_iqa (SPEC's loss, no downloads).
+
+    dpiqa-jax distill --config configs/student_demo.py --workdir runs/student_demo --teacher runs/demo
+    dpiqa-jax distill --config configs/student_demo.py:smoke --workdir runs/s --teacher runs/smoke
+
+The data, seed and schedule follow configs/demo.py (and its `smoke` variant), so the student sees
+the teacher's split. EfficientNet-B0 from scratch stands in for the authors' ImageNet B7.
+"""
+import demo
+import student_default
+
+
+def get_config(arg=None):
+    config = student_default.add_student(demo.get_config(arg), variant="b0", fc_width=64)
+    config.optim.lr = 1e-3
+    return config

@@ -1,0 +1,123 @@
+"""Distilling the student from a frozen teacher: the teacher step's fork, trained by the same loop.
+
+The loss is SPEC's: MSE(student score, target) + map_weight * MSE(student map, teacher map). The
+teacher (params and prompt matrix) is an input of the step, never saved with the student; the
+student's batch statistics ride in the state's `frozen` part, updated by the step, not by Adam.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from dpiqa_jax import teacher
+from dpiqa_jax.checkpoints import STUDENT_FILE
+from dpiqa_jax.errors import UserError
+from dpiqa_jax.models.dpiqa import DPIQA
+from dpiqa_jax.models.student import Student
+from dpiqa_jax.student_io import StudentSpec
+from dpiqa_jax.train import mesh as mesh_lib
+from dpiqa_jax.train import state as state_lib
+from dpiqa_jax.train.config_util import require_existing
+from dpiqa_jax.train.loop import Task
+from dpiqa_jax.train.state import TrainState
+from dpiqa_jax.train.step import latents
+
+
+def teacher_outputs(teacher_model: DPIQA, inputs: dict, images, rng, latent_mode: str):
+    """The frozen teacher's (score, map) of a batch, as constants of the student's loss."""
+    params = inputs["teacher"]
+    z = latents(teacher_model, params, images, rng, latent_mode)
+    score, fmap = teacher_model.apply({"params": params}, images, z, inputs["embeddings"],
+                                      method="from_latents")
+    return jax.lax.stop_gradient(score.astype(jnp.float32)), jax.lax.stop_gradient(fmap.astype(jnp.float32))
+
+
+def distill_step(state: TrainState, batch: dict, inputs: dict, *, student: Student, teacher_model: DPIQA,
+                 tx: optax.GradientTransformation, latent_mode: str = "sample", map_weight: float = 1.0):
+    rng = jax.random.fold_in(state.rng, state.step)
+    latent_key, drop_key = jax.random.split(rng)
+    images, target = batch["image"], batch["target"].astype(jnp.float32)
+    _, teacher_map = teacher_outputs(teacher_model, inputs, images, latent_key, latent_mode)
+
+    def loss_fn(params):
+        (score, fmap), updates = student.apply(
+            {"params": params, **state.frozen}, images, train=True, rngs={"dropout": drop_key},
+            mutable=["batch_stats"])
+        mse = jnp.mean((score.astype(jnp.float32) - target) ** 2)
+        map_loss = jnp.mean((fmap.astype(jnp.float32) - teacher_map) ** 2)
+        return mse + map_weight * map_loss, ({"mse": mse, "map_loss": map_loss}, updates)
+
+    (loss, (parts, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params["params"])
+    updates_opt, opt_state = tx.update({"params": grads}, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates_opt)
+    grad_norm = optax.global_norm(grads)
+    metrics = {"loss": loss, **parts, "grad_norm": grad_norm, "param_norm": optax.global_norm(params),
+               "is_finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
+    state = state.replace(step=state.step + 1, params=params, frozen=dict(updates), opt_state=opt_state)
+    return state, metrics
+
+
+def student_eval_step(variables, batch: dict, inputs, rng, *, student: Student) -> dict:
+    """Eval-mode scores of a (padded) batch, with its targets, indices and mask."""
+    score, _ = student.apply(variables, batch["image"], train=False)
+    return {"score": score.astype(jnp.float32), "target": batch["target"], "index": batch["index"],
+            "mask": batch["mask"]}
+
+
+def _compile(student: Student, teacher_model: DPIQA, tx, mesh: Mesh, shardings: TrainState, input_shardings,
+             *, latent_mode: str, map_weight: float):
+    repl, split = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
+    train = functools.partial(distill_step, student=student, teacher_model=teacher_model, tx=tx,
+                              latent_mode=latent_mode, map_weight=map_weight)
+    evaluate = functools.partial(student_eval_step, student=student)
+    return (jax.jit(train, in_shardings=(shardings, split, input_shardings), out_shardings=(shardings, repl),
+                    donate_argnums=(0,)),
+            jax.jit(evaluate, in_shardings=(shardings.full_params(), split, input_shardings, repl),
+                    out_shardings=repl))
+
+
+def student_spec(config: ml_collections.ConfigDict, image_size: int) -> StudentSpec:
+    s = config.student
+    return StudentSpec(s.variant, s.map_channels, s.fc_width, image_size)
+
+
+def student_task(config: ml_collections.ConfigDict, teacher_checkpoint: str) -> Task:
+    """The loop's Task for distilling `config.student` from the teacher at `teacher_checkpoint`
+    (a workdir, an orbax checkpoint folder or the authors' .pth; see `teacher.load_teacher`)."""
+    require_existing(config, "student.imagenet")
+    teacher_cfg, teacher_params, embeddings = teacher.load_teacher(teacher_checkpoint,
+                                                                   config.model.embeddings)
+    spec = student_spec(config, teacher_cfg.image_size)
+    dtype = jnp.dtype(config.model.dtype)
+    student = Student(spec.variant, spec.map_channels, spec.fc_width, config.student.stochastic_depth_prob,
+                      dtype=dtype)
+    shapes = spec.variable_shapes()
+    map_shape = jax.eval_shape(student.apply, shapes, jax.ShapeDtypeStruct(
+        (1, spec.image_size, spec.image_size, 3), jnp.float32))[1].shape
+    teacher_map = (1, teacher_cfg.latent_size, teacher_cfg.latent_size, 8)
+    if map_shape != teacher_map:
+        raise UserError(f"the student's feature map {map_shape[1:]} does not match the teacher's "
+                        f"{teacher_map[1:]}: set config key 'student.map_channels' to 8")
+
+    def init_params():
+        variables = jax.jit(student.init)(jax.random.PRNGKey(config.seed),
+                                          jnp.zeros((1, spec.image_size, spec.image_size, 3)))
+        if config.student.imagenet:
+            from dpiqa_jax.weights.student import load_torchvision_efficientnet, with_base_model
+
+            variables = with_base_model(variables, load_torchvision_efficientnet(config.student.imagenet,
+                                                                                 spec.variant))
+        return dict(variables)
+
+    def compile_steps(tx, mesh, shardings):
+        teacher_shardings = mesh_lib.state_shardings(mesh, teacher_params)
+        input_shardings = {"teacher": teacher_shardings, "embeddings": mesh_lib.replicated(mesh)}
+        inputs = state_lib.place({"teacher": teacher_params, "embeddings": embeddings}, input_shardings)
+        steps = _compile(student, DPIQA(teacher_cfg, dtype=dtype), tx, mesh, shardings, input_shardings,
+                         latent_mode=config.model.latents, map_weight=config.loss.map_weight)
+        return (*steps, inputs)
+
+    return Task(STUDENT_FILE, spec.to_dict(), None, spec.image_size, shapes, init_params, compile_steps)

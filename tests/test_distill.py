@@ -1,0 +1,41 @@
+"""`dpiqa-jax distill` end to end on `student_demo.py:smoke`, from the smoke teacher run: the files
+it writes, and its workdir used as a checkpoint by predict and export."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from train_helpers import CLI, REPO, check, environment, records, results, run
+
+pytest_plugins = ("train_fixtures",)  # the session fixtures train_root and smoke_run
+pytestmark = pytest.mark.slow
+
+STUDENT_SMOKE = str(REPO / "configs" / "student_demo.py") + ":smoke"
+
+
+def test_distill_smoke_run_then_predict_and_export_its_workdir(smoke_run, train_root, tmp_path):
+    workdir = tmp_path / "student"
+    env = environment(train_root)
+    check(run(CLI + ["distill", "--config", STUDENT_SMOKE, "--workdir", str(workdir),
+                     "--teacher", str(smoke_run), f"--config.dataset.data_dir={train_root / 'tfds'}"], env))
+    spec = json.loads((workdir / "student.json").read_text())
+    teacher_side = json.loads((smoke_run / "model.json").read_text())["latent_size"] * 8
+    assert spec == {"variant": "b0", "map_channels": 8, "fc_width": 64, "image_size": teacher_side}
+    train, test = records(workdir, "train"), records(workdir, "test")
+    assert [r["step"] for r in train] == [3, 6, 9, 12] and [r["step"] for r in test] == [6, 12]
+    for r in train:  # SPEC's loss: score MSE + map MSE, both logged
+        assert r["loss"] == pytest.approx(r["mse"] + r["map_loss"], rel=1e-5) and r["map_loss"] > 0
+    assert results(workdir)["final"]["metrics"]["num_images"] == 8
+    assert not (workdir / "model.json").exists()  # a student workdir is never taken for a teacher
+
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 52, 3), np.uint8)).save(image)
+    exported = tmp_path / "student.msgpack"
+    export = ["export", "--checkpoint", str(workdir), "--format", "msgpack", "--output", str(exported)]
+    check(run(CLI + export, env))
+    scores = []
+    for checkpoint in (workdir, exported):
+        out = tmp_path / f"{checkpoint.name}.json"
+        check(run(CLI + ["predict", "--checkpoint", str(checkpoint), "--output", str(out), str(image)], env))
+        scores.append(json.loads(out.read_text())[0]["score"])
+    assert np.isfinite(scores[0]) and scores[0] == scores[1]
