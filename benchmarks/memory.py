@@ -4,9 +4,13 @@ optimizer state and batch are shapes only, so this runs on a laptop with simulat
 
     python benchmarks/memory.py                  # 8 simulated devices, bfloat16 compute
     python benchmarks/memory.py --devices 8 --dtype float32 --batch-size 16
+    python benchmarks/memory.py --remat both     # with and without rematerialised U-Net layers
 
 Figures are XLA:CPU's buffer assignment; a GPU/TPU compile differs in temporaries (fusion,
 rematerialisation, kernels), not in the arguments (params, Adam moments, batch), which FSDP divides.
+XLA:CPU's scheduler undoes rematerialisation (its temporaries are the same with `model.remat` on
+or off, even for the tiny teacher), so the table also gives what the backward pass keeps from the
+forward pass ("saved"), traced from the jaxpr whatever the backend: that is what remat reduces.
 """
 import argparse
 import os
@@ -20,6 +24,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16, help="global batch")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="compute dtype")
     p.add_argument("--fsdp", type=int, nargs="+", help="FSDP sizes to compare (default: 1 and all devices)")
+    p.add_argument("--remat", choices=("off", "on", "both"), default="both",
+                   help="rematerialise the U-Net's layers in the backward pass (config model.remat)")
     return p.parse_args(argv)
 
 
@@ -32,11 +38,40 @@ def main(argv=None):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     import jax
 
-    rows = [measure(size, args) for size in (args.fsdp or (1, args.devices))]
+    remats = {"off": (False,), "on": (True,), "both": (False, True)}[args.remat]
+    per_device = args.batch_size // args.devices
+    rows = [measure(size, remat, args) | {"saved": saved_bytes(remat, per_device, args.dtype)}
+            for remat in remats for size in (args.fsdp or (1, args.devices))]
     print(table(rows, args, jax.device_count()))
 
 
-def measure(fsdp: int, args) -> dict:
+def saved_bytes(remat: bool, images: int, dtype: str) -> int:
+    """Bytes of the forward pass's intermediates that the backward pass keeps, for `images` images
+    (those of one device: the batch is split over every device, with or without FSDP)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax._src.ad_checkpoint import saved_residuals  # the list behind print_saved_residuals
+
+    from dpiqa_jax.models.dpiqa import DPIQA, TeacherConfig
+    from dpiqa_jax.teacher import param_shapes
+
+    cfg = TeacherConfig()
+    model = DPIQA(cfg, dtype=jnp.dtype(dtype), remat=remat)
+    side, latent = cfg.image_size, cfg.latent_size
+
+    def loss(params, images, latents, prompts):
+        score, _ = model.apply({"params": params}, images, latents, prompts, method="from_latents")
+        return jnp.sum(score.astype(jnp.float32))
+
+    shape = lambda *dims: jax.ShapeDtypeStruct(dims, jnp.float32)  # noqa: E731
+    residuals = saved_residuals(loss, param_shapes(cfg), shape(images, side, side, 3),
+                                shape(images, latent, latent, 4), shape(1485, cfg.embed_dim))
+    return int(sum(np.prod(aval.shape) * aval.dtype.itemsize for aval, why in residuals
+                   if "from the argument" not in why))
+
+
+def measure(fsdp: int, remat: bool, args) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
@@ -59,14 +94,14 @@ def measure(fsdp: int, args) -> dict:
              "target": jax.ShapeDtypeStruct((n,), jnp.float32, sharding=split),
              "index": jax.ShapeDtypeStruct((n,), jnp.int32, sharding=split)}
     embeddings = jax.ShapeDtypeStruct((1485, cfg.embed_dim), jnp.float32, sharding=mesh_lib.replicated(mesh))
-    model = DPIQA(cfg, dtype=jnp.dtype(args.dtype))
+    model = DPIQA(cfg, dtype=jnp.dtype(args.dtype), remat=remat)
     step = compile_train_step(model, tx, mesh, shardings, latent_mode="sample", rank_weight=0.0)
     start = time.perf_counter()
     compiled = step.lower(state, batch, embeddings).compile()
     analysis = compiled.memory_analysis()
     state_bytes = sum(_per_device_bytes(x) for x in jax.tree.leaves(state))
-    print(f"fsdp={fsdp}: compiled in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    return {"fsdp": fsdp, "state": state_bytes, "arguments": analysis.argument_size_in_bytes,
+    print(f"fsdp={fsdp} remat={remat}: compiled in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    return {"fsdp": fsdp, "remat": remat, "state": state_bytes, "arguments": analysis.argument_size_in_bytes,
             "outputs": analysis.output_size_in_bytes, "aliased": analysis.alias_size_in_bytes,
             "temporaries": analysis.temp_size_in_bytes,
             "peak": analysis.argument_size_in_bytes + analysis.output_size_in_bytes
@@ -85,11 +120,11 @@ def table(rows, args, devices: int) -> str:
     gib = lambda n: f"{n / 2**30:.2f}"  # noqa: E731
     head = (f"Full teacher train step, batch {args.batch_size} (512 px), {args.dtype} compute, float32 "
             f"params and Adam, {devices} devices; GiB per device\n\n"
-            "| mesh (data x fsdp) | state (params + Adam) | arguments | outputs | aliased (donated) "
-            "| temporaries | peak |\n| --- | --- | --- | --- | --- | --- | --- |")
-    lines = [f"| {devices // r['fsdp']} x {r['fsdp']} | {gib(r['state'])} | {gib(r['arguments'])} | "
-             f"{gib(r['outputs'])} | {gib(r['aliased'])} | {gib(r['temporaries'])} | {gib(r['peak'])} |"
-             for r in rows]
+            "| mesh (data x fsdp) | remat | state (params + Adam) | arguments | outputs | aliased (donated) "
+            "| temporaries | peak | saved |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    columns = ("state", "arguments", "outputs", "aliased", "temporaries", "peak", "saved")
+    lines = [f"| {devices // r['fsdp']} x {r['fsdp']} | {'on' if r['remat'] else 'off'} | "
+             + " | ".join(gib(r[c]) for c in columns) + " |" for r in rows]
     return "\n".join([head] + lines)
 
 

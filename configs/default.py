@@ -45,6 +45,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
         "embeddings": optional_path("~/models/quality_embeddings.pth"),
         "num_prompts": 1485,  # rows of the random demo prompt matrix (embeddings None)
         "dtype": "bfloat16",  # compute dtype; params and Adam state stay float32
+        # recompute the U-Net's layers in the backward pass: with fsdp, what fits 16 GB chips
+        "remat": False,
         "latents": "sample",  # 'sample' the VAE posterior as the authors, or take its 'mean'
     })
 

@@ -68,7 +68,7 @@ def student_scorer(spec: StudentSpec, variables: Variables, *, batch_size: int =
     return Scorer(lambda images, start: apply(variables, images), spec.image_size, batch_size)
 
 
-def _refuse_teacher_options(checkpoint: str, prompt_embeddings, model_config, latent: str) -> None:
+def refuse_teacher_options(checkpoint: str, prompt_embeddings, model_config, latent: str) -> None:
     teacher_only = {"prompt embeddings": prompt_embeddings, "a teacher model config": model_config,
                     "sampled latents": latent != "mean"}
     given = [name for name, value in teacher_only.items() if value]
@@ -85,7 +85,7 @@ def load(checkpoint, prompt_embeddings: Optional[str] = None, model_config: Opti
 
     checkpoint = os.fspath(checkpoint)
     if is_student_checkpoint(checkpoint):
-        _refuse_teacher_options(checkpoint, prompt_embeddings, model_config, latent)
+        refuse_teacher_options(checkpoint, prompt_embeddings, model_config, latent)
         spec, variables = load_student(checkpoint, student_spec)
         return student_scorer(spec, variables, batch_size=batch_size, dtype=dtype)
     if student_spec is not None:

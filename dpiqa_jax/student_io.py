@@ -193,10 +193,8 @@ def _safetensors_header(path: str) -> tuple[list, dict]:
 def _pickle_keys(path: str) -> list:
     """The keys of a torch-pickled state dict, read cheaply: torch maps its tensors, not reads them."""
     try:
-        import torch
-
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # only zip-format files map; load_pickle reads the rest or says why it cannot
+        obj = torch_files.load_pickle(path, mmap=True)
+    except UserError:  # only zip-format files map; read the rest (or say why it cannot be read)
         obj = torch_files.load_pickle(path)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]

@@ -135,6 +135,27 @@ def test_predict_authors_student_pth(student_files, monkeypatch):
     assert rel_err([r["score"] for r in rows], expected) < 1e-5
 
 
+def test_predict_scores_the_good_files_and_names_each_bad_one(student_files, tmp_path, monkeypatch, capsys):
+    from dpiqa_jax.cli import main
+
+    tmp, _, paths, expected = student_files
+    bad = {"empty.jpg": b"", "page.jpg": b"<html><body>404</body></html>", "noise.png": os.urandom(300),
+           "truncated.png": paths[0].read_bytes()[:200]}
+    for name, content in bad.items():
+        (tmp_path / name).write_bytes(content)
+    files = [str(p) for p in paths] + [str(tmp_path / name) for name in bad]
+    monkeypatch.chdir(tmp)
+    assert main(["predict", "--checkpoint", "student.pth", "--variant", "b0", "--image-size", "64",
+                 "--batch-size", "3", "--output", str(tmp_path / "scores.json"), *files]) == 1
+    rows = json.loads((tmp_path / "scores.json").read_text())
+    assert [r["path"] for r in rows] == [str(p) for p in paths]
+    assert rel_err([r["score"] for r in rows], expected) < 1e-5
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == len(bad) and "Traceback" not in "".join(errors)
+    for line, name in zip(errors, bad, strict=True):
+        assert line.startswith(f"skipped: {tmp_path / name}: "), line
+
+
 def test_export_command_then_predict_the_export(student_files):
     tmp, _, paths, expected = student_files
     # Both commands run the model on 3 images at once: with a shared compilation cache, predict

@@ -58,6 +58,25 @@ def test_bfloat16_compute_stays_close_to_float32():
     assert rel_err(half[1].astype(jnp.float32), full[1]) < 5e-2
 
 
+def test_remat_computes_the_same_outputs_and_gradients():
+    _, cfg, params = tiny_pair(seed=2)
+    rng = np.random.default_rng(3)
+    images = jnp.asarray(rng.random((2, 64, 64, 3), dtype=np.float32))
+    prompts = jnp.asarray(rng.standard_normal((7, 32), dtype=np.float32))
+
+    def grads(remat):
+        def loss(p):
+            score, fmap = DPIQA(cfg, remat=remat).apply({"params": p}, images, prompts)
+            return jnp.sum(score) + jnp.mean(fmap**2)
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    (plain_loss, plain), (remat_loss, remat) = grads(False), grads(True)
+    assert jax.tree.structure(remat) == jax.tree.structure(plain)  # the same parameter names
+    np.testing.assert_allclose(remat_loss, plain_loss, rtol=1e-6)
+    assert rel_err(jnp.concatenate([g.ravel() for g in jax.tree.leaves(remat)]),
+                   jnp.concatenate([g.ravel() for g in jax.tree.leaves(plain)])) < 1e-5
+
+
 def test_sample_mode_draws_around_the_mean():
     _, cfg, params = tiny_pair()
     images = jnp.asarray(np.random.default_rng(2).random((2, 64, 64, 3), dtype=np.float32))

@@ -65,6 +65,38 @@ def test_resume_after_sigkill_ends_as_the_uninterrupted_run(smoke_run, train_roo
         assert without_clock(records(workdir, split)) == without_clock(records(smoke_run, split))
 
 
+def test_sigterm_saves_the_current_step_and_a_rerun_resumes(smoke_run, train_root, tmp_path):
+    """SIGTERM (a preempted machine) once training is under way: the run saves the step it is at,
+    says so in one line and exits with 143; the rerun ends as the uninterrupted run."""
+    workdir = tmp_path / "preempted"
+    process = subprocess.Popen(train_command(workdir, train_root), env=environment(train_root), cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while not records_or_none(workdir) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before SIGTERM: " + process.stderr.read()[-2000:]
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    last = stderr.strip().splitlines()[-1]
+    assert process.returncode == 143, stderr[-2000:]
+    step = int(last.split("after step ")[1].split(",")[0])
+    assert last == (f"dpiqa-jax train: stopped by SIGTERM after step {step}, which is saved: run the same "
+                    f"command again to resume")
+    assert 3 <= step < 12 and (workdir / "checkpoints" / "latest" / str(step)).is_dir()
+    assert not (workdir / "results.json").exists()
+    check(run(train_command(workdir, train_root), environment(train_root)))
+    assert_same_results(workdir, smoke_run)
+    assert without_fit(records(workdir, "test")) == without_fit(records(smoke_run, "test"))
+    later = lambda rows: [r for r in without_clock(rows) if r["step"] > 6]  # noqa: E731 (full windows)
+    assert later(records(workdir, "train")) == later(records(smoke_run, "train"))
+
+
+def records_or_none(workdir):
+    """The train records written so far (none while the file does not exist yet)."""
+    path = workdir / "metrics.jsonl"
+    return path.is_file() and [line for line in path.read_text().splitlines() if '"train"' in line]
+
+
 def assert_same_results(workdir, reference):
     """results.json equal, but for the 4-parameter logistic fit: on 8 images it is ill-posed, and
     runs whose scores agree in every other metric to the last bit have ended in different optima

@@ -1,16 +1,19 @@
 """The train/eval steps, losses and schedules, on a stand-in model that compiles in a second."""
+import functools
 import itertools
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
-from train_fakes import FakeTeacher, adam, fake_batch, fake_params
+from train_fakes import FakeStudent, FakeTeacher, adam, fake_batch, fake_params
 
 from dpiqa_jax.train import mesh as mesh_lib
 from dpiqa_jax.train import schedule
 from dpiqa_jax.train import state as state_lib
+from dpiqa_jax.train.distill import distill_step
 from dpiqa_jax.train.step import compile_eval_step, compile_train_step, ranking_loss
 
 
@@ -106,6 +109,43 @@ def optim(**kw):
     fields = dict(lr=1e-5, b1=0.9, b2=0.999, eps=1e-8, schedule="step", milestones=(5,), decay=0.2,
                   warmup_steps=0, final_lr_ratio=0.0)
     return ml_collections.ConfigDict(fields | kw)
+
+
+def test_distill_step_is_spec_loss_and_its_gradient():
+    # SGD makes the update the gradient itself; the loss, gradient and batch statistics are checked
+    # against a direct computation of MSE(score, target) + map_weight * MSE(student map, teacher map).
+    batch, embeddings, lr, weight = fake_batch(), jnp.ones((4, 8)), 0.1, 0.7
+    teacher, teacher_params, student = FakeTeacher(), fake_params(), FakeStudent()
+    variables = student.init(jax.random.PRNGKey(1), jnp.asarray(batch["image"]))
+    tx = optax.sgd(lr)
+    trainable = {"params": variables["params"]}
+    state = state_lib.TrainState(step=jnp.array(0), params=trainable, opt_state=tx.init(trainable),
+                                 frozen={"batch_stats": variables["batch_stats"]}, rng=jax.random.PRNGKey(2))
+    inputs = {"teacher": teacher_params, "embeddings": embeddings}
+    new, metrics = jax.jit(functools.partial(distill_step, student=student, teacher_model=teacher, tx=tx,
+                                             latent_mode="mean", map_weight=weight))(state, batch, inputs)
+
+    _, teacher_map = teacher.apply({"params": teacher_params}, jnp.asarray(batch["image"]), embeddings)
+    drop_key = jax.random.split(jax.random.fold_in(state.rng, 0))[1]
+
+    def direct(params):
+        (score, fmap), stats = student.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                             batch["image"], train=True, rngs={"dropout": drop_key},
+                                             mutable=["batch_stats"])
+        mse = jnp.mean((score - batch["target"]) ** 2)
+        return mse + weight * jnp.mean((fmap - teacher_map) ** 2), (mse, stats)
+
+    (loss, (mse, stats)), grads = jax.value_and_grad(direct, has_aux=True)(variables["params"])
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=2e-5)  # jitted vs eager float32
+    np.testing.assert_allclose(metrics["mse"], mse, rtol=2e-5)
+    np.testing.assert_allclose(metrics["map_loss"], (loss - mse) / weight, rtol=5e-5)
+    expected = jax.tree.map(lambda p, g: p - lr * g, variables["params"], grads)
+    for got, want in zip(jax.tree.leaves(new.params["params"]), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)  # the bias before BN: grad ~0
+    for got, want in zip(jax.tree.leaves(new.frozen), jax.tree.leaves(stats), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert not np.allclose(new.frozen["batch_stats"]["bn"]["mean"], variables["batch_stats"]["bn"]["mean"])
+    assert int(new.step) == 1
 
 
 def test_step_decay_lands_after_each_milestone_epoch():

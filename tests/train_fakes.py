@@ -60,3 +60,15 @@ def fake_batch(n: int = 16, image_size: int = 8, seed: int = 0) -> dict:
 
 def adam():
     return optax.adam(1e-2)
+
+
+class FakeStudent(nn.Module):
+    """The Student interface (`apply(variables, images, train=...)` -> (score, map), batch statistics,
+    dropout) with maps shaped as FakeTeacher's."""
+
+    @nn.compact
+    def __call__(self, images, train: bool = False):
+        h = nn.Dense(16, name="body")(jnp.mean(images, axis=(1, 2)))
+        h = nn.BatchNorm(use_running_average=not train, momentum=0.5, name="bn")(h)
+        h = nn.Dropout(0.5, deterministic=not train)(nn.relu(h))
+        return nn.Dense(1, name="head")(h)[:, 0], h

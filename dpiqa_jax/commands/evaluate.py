@@ -1,5 +1,5 @@
 """`dpiqa-jax evaluate --checkpoint CKPT --dataset NAME [--split test] --output DIR`: SRCC, PLCC,
-KRCC and RMSE of any teacher checkpoint on any dataset (cross-dataset tables)."""
+KRCC and RMSE of any teacher or student checkpoint on any dataset (cross-dataset tables)."""
 import csv
 import json
 import os
@@ -8,11 +8,12 @@ from dpiqa_jax.commands.train import add_distributed_arguments, initialize_distr
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("evaluate", help="score a dataset split with a teacher checkpoint",
+    p = subparsers.add_parser("evaluate", help="score a dataset split with a teacher or student checkpoint",
                               description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True,
-                   help="a training workdir (its best-by-SRCC checkpoint, else the latest), an orbax "
-                        "checkpoint folder, or the authors' teacher .pth")
+                   help="a training or distillation workdir (its best-by-SRCC checkpoint, else the latest), "
+                        "an orbax checkpoint folder, the authors' teacher or student .pth, or an exported "
+                        "student (.msgpack, .safetensors)")
     p.add_argument("--dataset", required=True, help="koniq10k, live_challenge, flive, spaq or synthetic_iqa")
     p.add_argument("--split", default="test", choices=("test", "train", "all"),
                    help="which part to score (all: train and test together)")

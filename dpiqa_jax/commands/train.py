@@ -72,11 +72,15 @@ def run_config(args, make_task=None) -> int:
     config_util.apply_overrides(config, pairs)
     initialize_distributed(args)
     from dpiqa_jax.train.loop import NonFiniteError, train_and_evaluate
+    from dpiqa_jax.train.preemption import EXIT_CODE, Preempted
 
     try:
         results = train_and_evaluate(config, args.workdir, make_task and make_task(config))
     except NonFiniteError as e:
         raise UserError(str(e)) from None
+    except Preempted as e:
+        print(f"dpiqa-jax {args.command}: {e}", file=sys.stderr)
+        return EXIT_CODE
     final = results["final"]["metrics"]
     print(json.dumps({"step": results["final"]["step"], "srcc": final["srcc"], "plcc": final["plcc"]}),
           file=sys.stdout)

@@ -21,6 +21,7 @@ from typing import Mapping, Optional, Union
 import numpy as np
 
 from dpiqa_jax.data.errors import DatasetError
+from dpiqa_jax.errors import UserError
 
 KINDS = ("official", "random", "indices")
 
@@ -120,7 +121,7 @@ def read_indices(path: Union[str, Path]) -> np.ndarray:
         array = np.asarray(values)
         if array.ndim != 1 or (array.size and not np.issubdtype(array.dtype, np.integer)):
             raise ValueError(f"expected a flat list of integers, got {array.dtype} of shape {array.shape}")
-    except DatasetError:
+    except UserError:  # already names the file (an unsafe or unreadable .pth, a too-old torch)
         raise
     except Exception as e:  # each reader raises its own types; the message says which file
         reason = " ".join(str(e).split())
@@ -139,8 +140,7 @@ def _read(path: Path):
     if suffix == ".txt":
         return [int(t) for t in path.read_text().replace(",", " ").split()]
     if suffix in (".pth", ".pt"):
-        import torch  # only for the authors' files
+        from dpiqa_jax.weights import torch_files  # torch only for the authors' files
 
-        values = torch.load(path, map_location="cpu", weights_only=True)
-        return values.numpy() if isinstance(values, torch.Tensor) else values
+        return torch_files.to_numpy(torch_files.load_pickle(path))
     raise DatasetError(f"{path}: unknown index file type {suffix!r} (use .npy, .txt, .json or .pth)")

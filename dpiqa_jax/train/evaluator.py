@@ -1,4 +1,5 @@
 """Scoring a whole split: every prediction gathered (padding masked out) before the metrics."""
+import functools
 from typing import Callable, Iterable, Optional
 
 import jax
@@ -11,16 +12,16 @@ from dpiqa_jax.train.metrics import iqa_metrics
 
 
 def predict(eval_step: Callable, params, batches: Iterable[dict], embeddings, key: jax.Array) -> dict:
-    """{'score', 'target', 'index'} numpy arrays over the split, in batch order, padding removed.
+    """{'score', 'target', 'index'} numpy arrays over the split, sorted by index, padding removed.
     Batch i draws its latents (when sampled) with fold_in(key, i)."""
     outputs = [mesh_lib.host_values(eval_step(params, batch, embeddings, jax.random.fold_in(key, i)))
                for i, batch in enumerate(batches)]
     gathered = {k: np.concatenate([o[k] for o in outputs]) for k in ("score", "target", "index", "mask")}
     keep = gathered.pop("mask").astype(bool)
-    predictions = {k: v[keep] for k, v in gathered.items()}
-    if len(np.unique(predictions["index"])) != len(predictions["index"]):
+    if len(np.unique(gathered["index"][keep])) != keep.sum():
         raise RuntimeError("an image was scored twice: the eval batches overlap across processes")
-    return predictions
+    order = np.argsort(gathered["index"][keep], kind="stable")
+    return {k: v[keep][order] for k, v in gathered.items()}
 
 
 def evaluate(eval_step: Callable, params, batches: Iterable[dict], embeddings, key: jax.Array):
@@ -34,30 +35,47 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, *, part: str = "test", sp
                         prompt_embeddings: Optional[str] = None, model_config: Optional[str] = None,
                         batch_size: int = 16, latents: str = "mean", seed: int = 0,
                         dtype: str = "float32") -> tuple[dict, dict]:
-    """(metrics, predictions) of any teacher checkpoint (see `teacher.load_teacher`) on `part`
+    """(metrics, predictions) of any teacher or student checkpoint (see `scorer.load`) on `part`
     ('test', 'train' or 'all' = both) of `dataset` split by `split`, data-parallel over every device."""
-    from dpiqa_jax import teacher
     from dpiqa_jax.data import pipeline
-    from dpiqa_jax.models.dpiqa import DPIQA
-    from dpiqa_jax.train.state import place
-    from dpiqa_jax.train.step import compile_eval_step
 
     parts = {"test": ("test",), "train": ("train",), "all": ("train", "test")}
     if part not in parts:
         raise UserError(f"split {part!r}: choose one of {', '.join(parts)}")
     mesh = mesh_lib.make_mesh(1)
     mesh_lib.batch_size_per_process(mesh, batch_size, "--batch-size")
-    cfg, params, embeddings = teacher.load_teacher(checkpoint, prompt_embeddings, model_config)
-    repl = mesh_lib.replicated(mesh)
-    params = place(params, jax.tree.map(lambda _: repl, params))
-    embeddings = place(np.asarray(embeddings, np.float32), repl)
-    step = compile_eval_step(DPIQA(cfg, dtype=jnp.dtype(dtype)), mesh, repl, latent_mode=latents)
+    step, params, embeddings, image_size = _eval_model(checkpoint, mesh, prompt_embeddings, model_config,
+                                                       latents, jnp.dtype(dtype))
     predictions = []
     for name in parts[part]:
         batches = pipeline.eval_batches(dataset, split, batch_size=batch_size, part=name,
-                                        image_size=cfg.image_size, data_dir=data_dir, manual_dir=manual_dir)
+                                        image_size=image_size, data_dir=data_dir, manual_dir=manual_dir)
         batches = (pipeline.to_global(b, mesh, mesh_lib.BATCH_AXES) for b in batches)
         key = jax.random.fold_in(jax.random.PRNGKey(seed), len(predictions))
         predictions.append(predict(step, params, batches, embeddings, key))
     merged = {k: np.concatenate([p[k] for p in predictions]) for k in predictions[0]}
     return iqa_metrics(merged["score"], merged["target"]), merged
+
+
+def _eval_model(checkpoint: str, mesh, prompt_embeddings, model_config, latents: str, dtype):
+    """(eval step, replicated params, replicated prompt matrix or None, image size) of a checkpoint."""
+    from dpiqa_jax import teacher
+    from dpiqa_jax.models.dpiqa import DPIQA
+    from dpiqa_jax.scorer import refuse_teacher_options
+    from dpiqa_jax.student_io import is_student_checkpoint, load_student
+    from dpiqa_jax.train.distill import student_eval_step
+    from dpiqa_jax.train.state import place
+    from dpiqa_jax.train.step import compile_eval_step
+
+    repl = mesh_lib.replicated(mesh)
+    if is_student_checkpoint(checkpoint):
+        refuse_teacher_options(checkpoint, prompt_embeddings, model_config, latents)
+        spec, variables = load_student(checkpoint)
+        step = jax.jit(functools.partial(student_eval_step, student=spec.model(dtype)),
+                       in_shardings=(repl, mesh_lib.batch_sharding(mesh), None, repl), out_shardings=repl)
+        return step, place(variables, jax.tree.map(lambda _: repl, variables)), None, spec.image_size
+    cfg, params, embeddings = teacher.load_teacher(checkpoint, prompt_embeddings, model_config)
+    params = place(params, jax.tree.map(lambda _: repl, params))
+    embeddings = place(np.asarray(embeddings, np.float32), repl)
+    return compile_eval_step(DPIQA(cfg, dtype=dtype), mesh, repl, latent_mode=latents), params, embeddings, \
+        cfg.image_size

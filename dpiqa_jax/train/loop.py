@@ -3,7 +3,8 @@
 Every `log_every` steps (and before any evaluation or checkpoint) the window's step metrics are
 fetched and checked: a non-finite loss or gradient stops the run there, before anything of that
 state is saved. Every `eval.every` steps and at the end the test split is scored; the best
-evaluations by SRCC and PLCC are kept as checkpoints, the latest state every `checkpoint.every`.
+evaluations by SRCC and PLCC are kept as checkpoints, the latest state every `checkpoint.every`
+and at a SIGTERM (see `preemption`), after which the run stops with `Preempted`.
 """
 import dataclasses
 import math
@@ -19,7 +20,7 @@ from dpiqa_jax.checkpoints import MODEL_FILE, with_shardings
 from dpiqa_jax.errors import UserError
 from dpiqa_jax.models.dpiqa import DPIQA
 from dpiqa_jax.train import checkpoint as ckpt_lib
-from dpiqa_jax.train import evaluator, inputs, metrics, schedule
+from dpiqa_jax.train import evaluator, inputs, metrics, preemption, schedule
 from dpiqa_jax.train import mesh as mesh_lib
 from dpiqa_jax.train import state as state_lib
 from dpiqa_jax.train.config_util import require_choice, require_existing
@@ -81,7 +82,7 @@ def teacher_task(config: ml_collections.ConfigDict) -> Task:
                                            config.model.sd_dir)
 
     def compile_steps(tx, mesh, shardings):
-        model = DPIQA(model_cfg, dtype=jnp.dtype(config.model.dtype))
+        model = DPIQA(model_cfg, dtype=jnp.dtype(config.model.dtype), remat=config.model.remat)
         train_step = compile_train_step(model, tx, mesh, shardings, latent_mode=config.model.latents,
                                         rank_weight=config.loss.rank_weight)
         eval_step = compile_eval_step(model, mesh, shardings.full_params(), latent_mode=config.eval.latents)
@@ -112,7 +113,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Op
     reporter = Reporter(workdir, total_steps, start, config.batch_size)
     run = _Run(config, data, reporter, checkpoints, eval_step, step_inputs, best)
     try:
-        state, final = run.train(state, train_step, start, total_steps, lr, steps_per_epoch)
+        with preemption.PreemptionWatch() as watch:
+            state, final = run.train(state, train_step, start, total_steps, lr, steps_per_epoch, watch)
         checkpoints.wait()
         results = {"final": final, "best": {BEST[name]: meta for name, meta in run.best.items()}}
         reporter.results(results["final"], results["best"])
@@ -153,7 +155,8 @@ class _Run:
         self.eval_step, self.step_inputs, self.best = eval_step, step_inputs, best
         self.pending: list[tuple[int, dict]] = []
 
-    def train(self, state, train_step, start: int, total: int, lr, steps_per_epoch: int):
+    def train(self, state, train_step, start: int, total: int, lr, steps_per_epoch: int,
+              watch: preemption.PreemptionWatch):
         cfg = self.config
         batches = self.data.train_batches(start) if start < total else None
         final: Optional[dict] = None
@@ -169,6 +172,14 @@ class _Run:
                 final = self.evaluate(state, step)
             if save:
                 self.save_latest(state, step)
+            if watch.reached(step):
+                if not save:
+                    if self.pending:  # checked first: a NaN state is never saved
+                        self.flush(step, lr, steps_per_epoch)
+                    self.save_latest(state, step)
+                self.checkpoints.wait()
+                raise preemption.Preempted(f"stopped by SIGTERM after step {step}, which is saved: run the "
+                                           f"same command again to resume")
         if batches is not None:
             batches.close()
         if final is None:  # resumed from the last step's checkpoint

@@ -16,15 +16,22 @@ def logistic4(x, b1, b2, b3, b4):
 
 
 def fit_logistic(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Predictions mapped by the least-squares 4-parameter logistic; unchanged when the fit fails."""
-    p0 = [target.max(), target.min(), np.mean(pred), np.std(pred) + 1e-8]
+    """Predictions mapped by the least-squares 4-parameter logistic; unchanged when the fit fails.
+
+    The fit sees the pairs sorted and the predictions standardised: the result is then a function
+    of the set of pairs alone (not of the order in which devices and hosts gathered them), and the
+    problem is equally well conditioned on any score scale."""
+    order = np.lexsort((target, pred))
+    pred_sorted, y = pred[order], target[order]
+    center, scale = np.mean(pred_sorted), np.std(pred_sorted) or 1.0
+    x = (pred_sorted - center) / scale
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            params, _ = optimize.curve_fit(logistic4, pred, target, p0=p0, maxfev=20000)
+            params, _ = optimize.curve_fit(logistic4, x, y, p0=[y.max(), y.min(), 0.0, 1.0], maxfev=20000)
     except (RuntimeError, ValueError, optimize.OptimizeWarning):
         return pred
-    fitted = logistic4(pred, *params)
+    fitted = logistic4((pred - center) / scale, *params)
     return fitted if np.all(np.isfinite(fitted)) else pred
 
 

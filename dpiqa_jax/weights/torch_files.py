@@ -1,12 +1,16 @@
 """Reading PyTorch checkpoint files safely: safetensors, or pickles through
-`torch.load(weights_only=True)` (which refuses pickles that would run code)."""
+`torch.load(weights_only=True)` (which refuses pickles that would run code). Every torch pickle
+the package reads goes through `load_pickle`."""
 import os
+import re
 
 import numpy as np
 
 from dpiqa_jax.errors import UserError
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+# torch.load(weights_only=True) could still be made to run code before 2.6 (CVE-2025-32434).
+MIN_TORCH = (2, 6)
 
 
 def _torch():
@@ -14,10 +18,13 @@ def _torch():
         import torch
     except ImportError as e:
         raise UserError("reading a PyTorch .pth file needs torch: pip install 'dpiqa_jax[torch]'") from e
+    if tuple(int(n) for n in re.findall(r"\d+", torch.__version__)[:2]) < MIN_TORCH:
+        raise UserError(f"torch {torch.__version__} cannot load .pth files safely (weights_only has a known "
+                        f"bypass before {'.'.join(map(str, MIN_TORCH))}): upgrade torch or use safetensors")
     return torch
 
 
-def _to_numpy(value):
+def to_numpy(value):
     torch = _torch()
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu()
@@ -43,14 +50,15 @@ def read_tensors(path: str) -> dict:
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise UserError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    return {k: _to_numpy(v) for k, v in obj.items()}
+    return {k: to_numpy(v) for k, v in obj.items()}
 
 
-def load_pickle(path: str):
-    """torch.load with weights_only=True: tensors, lists, dicts and numbers only."""
+def load_pickle(path, mmap: bool = False):
+    """torch.load with weights_only=True: tensors, lists, dicts and numbers only. `mmap` maps the
+    tensors of a zip-format file instead of reading them."""
     torch = _torch()
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # unpickling errors come in many types; all mean "unusable file"
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: cannot be read as a weights-only PyTorch file ({reason})") from e
@@ -59,11 +67,11 @@ def load_pickle(path: str):
 def read_array(path: str) -> np.ndarray:
     """A single tensor saved with torch.save / np.save / safetensors (one entry)."""
     if path.endswith(".npy"):
-        return np.load(path)
+        return np.load(path, allow_pickle=False)
     if path.endswith(".safetensors"):
         values = list(read_tensors(path).values())
     else:
-        obj = _to_numpy(load_pickle(path))
+        obj = to_numpy(load_pickle(path))
         values = list(obj.values()) if isinstance(obj, dict) else [obj]
     if len(values) != 1 or not isinstance(values[0], np.ndarray):
         raise UserError(f"{path}: expected a single tensor")
