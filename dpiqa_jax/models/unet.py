@@ -281,7 +281,7 @@ class UNetFeatures(nn.Module):
     latents (B, h, w, in_channels); timesteps (B,) or a scalar; context (B or 1, S, cross_attention_dim):
     a batch-1 context is shared by every image; adapter_residuals: one NHWC tensor per down block
     (T2I-Adapter), or None for the plain U-Net. `remat` recomputes each resnet and transformer in
-    the backward pass instead of storing its activations: less memory, about a third more compute.
+    the backward pass instead of storing its activations: less memory for a second forward pass.
     """
 
     config: UNetConfig = SD15
