@@ -18,10 +18,11 @@ def predict(eval_step: Callable, params, batches: Iterable[dict], embeddings, ke
                for i, batch in enumerate(batches)]
     gathered = {k: np.concatenate([o[k] for o in outputs]) for k in ("score", "target", "index", "mask")}
     keep = gathered.pop("mask").astype(bool)
-    if len(np.unique(gathered["index"][keep])) != keep.sum():
+    predictions = {k: v[keep] for k, v in gathered.items()}
+    if len(np.unique(predictions["index"])) != len(predictions["index"]):
         raise RuntimeError("an image was scored twice: the eval batches overlap across processes")
-    order = np.argsort(gathered["index"][keep], kind="stable")
-    return {k: v[keep][order] for k, v in gathered.items()}
+    order = np.argsort(predictions["index"], kind="stable")
+    return {k: v[order] for k, v in predictions.items()}
 
 
 def evaluate(eval_step: Callable, params, batches: Iterable[dict], embeddings, key: jax.Array):

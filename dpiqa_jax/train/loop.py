@@ -164,19 +164,16 @@ class _Run:
             state, step_metrics = train_step(state, next(batches), self.step_inputs)
             self.pending.append((step, step_metrics))
             self.reporter.step()
+            stop = watch.reached(step)
             evaluate = step % cfg.eval.every == 0 or step == total
-            save = step % cfg.checkpoint.every == 0 or step == total
+            save = step % cfg.checkpoint.every == 0 or step == total or stop
             if step % cfg.log_every == 0 or evaluate or save:
                 self.flush(step, lr, steps_per_epoch)
             if evaluate:
                 final = self.evaluate(state, step)
             if save:
                 self.save_latest(state, step)
-            if watch.reached(step):
-                if not save:
-                    if self.pending:  # checked first: a NaN state is never saved
-                        self.flush(step, lr, steps_per_epoch)
-                    self.save_latest(state, step)
+            if stop:
                 self.checkpoints.wait()
                 raise preemption.Preempted(f"stopped by SIGTERM after step {step}, which is saved: run the "
                                            f"same command again to resume")
