@@ -67,16 +67,23 @@ def student_eval_step(variables, batch: dict, inputs, rng, *, student: Student) 
             "mask": batch["mask"]}
 
 
+def compile_student_eval_step(student: Student, mesh: Mesh, variable_shardings, input_shardings=None):
+    """`student_eval_step` jitted over `mesh`: the batch split over every device, the rest as given
+    (the inputs, unused, are the distillation step's)."""
+    repl = mesh_lib.replicated(mesh)
+    return jax.jit(functools.partial(student_eval_step, student=student),
+                   in_shardings=(variable_shardings, mesh_lib.batch_sharding(mesh), input_shardings, repl),
+                   out_shardings=repl)
+
+
 def _compile(student: Student, teacher_model: DPIQA, tx, mesh: Mesh, shardings: TrainState, input_shardings,
              *, latent_mode: str, map_weight: float):
     repl, split = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
     train = functools.partial(distill_step, student=student, teacher_model=teacher_model, tx=tx,
                               latent_mode=latent_mode, map_weight=map_weight)
-    evaluate = functools.partial(student_eval_step, student=student)
     return (jax.jit(train, in_shardings=(shardings, split, input_shardings), out_shardings=(shardings, repl),
                     donate_argnums=(0,)),
-            jax.jit(evaluate, in_shardings=(shardings.full_params(), split, input_shardings, repl),
-                    out_shardings=repl))
+            compile_student_eval_step(student, mesh, shardings.full_params(), input_shardings))
 
 
 def student_spec(config: ml_collections.ConfigDict, image_size: int) -> StudentSpec:

@@ -1,5 +1,4 @@
 """Scoring a whole split: every prediction gathered (padding masked out) before the metrics."""
-import functools
 from typing import Callable, Iterable, Optional
 
 import jax
@@ -64,7 +63,7 @@ def _eval_model(checkpoint: str, mesh, prompt_embeddings, model_config, latents:
     from dpiqa_jax.models.dpiqa import DPIQA
     from dpiqa_jax.scorer import refuse_teacher_options
     from dpiqa_jax.student_io import is_student_checkpoint, load_student
-    from dpiqa_jax.train.distill import student_eval_step
+    from dpiqa_jax.train.distill import compile_student_eval_step
     from dpiqa_jax.train.state import place
     from dpiqa_jax.train.step import compile_eval_step
 
@@ -72,8 +71,7 @@ def _eval_model(checkpoint: str, mesh, prompt_embeddings, model_config, latents:
     if is_student_checkpoint(checkpoint):
         refuse_teacher_options(checkpoint, prompt_embeddings, model_config, latents)
         spec, variables = load_student(checkpoint)
-        step = jax.jit(functools.partial(student_eval_step, student=spec.model(dtype)),
-                       in_shardings=(repl, mesh_lib.batch_sharding(mesh), None, repl), out_shardings=repl)
+        step = compile_student_eval_step(spec.model(dtype), mesh, repl)
         return step, place(variables, jax.tree.map(lambda _: repl, variables)), None, spec.image_size
     cfg, params, embeddings = teacher.load_teacher(checkpoint, prompt_embeddings, model_config)
     params = place(params, jax.tree.map(lambda _: repl, params))
