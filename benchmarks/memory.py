@@ -39,8 +39,8 @@ def main(argv=None):
     import jax
 
     remats = {"off": (False,), "on": (True,), "both": (False, True)}[args.remat]
-    per_device = args.batch_size // args.devices
-    rows = [measure(size, remat, args) | {"saved": saved_bytes(remat, per_device, args.dtype)}
+    saved = {remat: saved_bytes(remat, args.batch_size // args.devices, args.dtype) for remat in remats}
+    rows = [measure(size, remat, args) | {"saved": saved[remat]}
             for remat in remats for size in (args.fsdp or (1, args.devices))]
     print(table(rows, args, jax.device_count()))
 

@@ -1,7 +1,6 @@
 """Untrusted checkpoints: a pickle that would run code is refused by every reader and runs nothing,
 torch is new enough for weights_only to hold, and no code path can unpickle anything else."""
 import ast
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -130,7 +129,3 @@ def test_the_scan_finds_what_it_looks_for():
                     "y = torch.load('f', weights_only=False)\nz = np.load('f', allow_pickle=True)\n")
     assert _unsafe_calls(bad) == ["imports pickle", "torch.load without weights_only=True",
                                   "torch.load without weights_only=True", "np.load(allow_pickle=True)"]
-
-
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__]))

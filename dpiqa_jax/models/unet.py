@@ -195,6 +195,12 @@ class Transformer2D(nn.Module):
         return h + x
 
 
+# The layer classes of a block, plain or rematerialised: rematerialised layers keep only their
+# inputs for the backward pass, not the activations inside (a 64x64 self-attention's
+# probabilities alone are 0.5 GiB per image in float32).
+_LAYERS = {False: (ResnetBlock2D, Transformer2D), True: (nn.remat(ResnetBlock2D), nn.remat(Transformer2D))}
+
+
 class _Block(nn.Module):
     """Shared part of the down, mid and up blocks: their settings are those of down block `index`."""
 
@@ -209,10 +215,7 @@ class _Block(nn.Module):
 
     def resnet_attention(self, j: int, x, temb, context, attention: bool):
         cfg, i = self.config, self.index
-        # Rematerialised layers keep only their inputs for the backward pass, not the activations
-        # inside (a 64x64 self-attention's probabilities alone are 0.5 GiB per image in float32).
-        resnet, transformer = (nn.remat(ResnetBlock2D), nn.remat(Transformer2D)) if self.remat \
-            else (ResnetBlock2D, Transformer2D)
+        resnet, transformer = _LAYERS[self.remat]
         x = resnet(self.channels, cfg.norm_num_groups, cfg.norm_eps, self.dtype, name=f"resnets.{j}")(x, temb)
         if attention:
             x = transformer(cfg.heads()[i], cfg.transformer_layers()[i], cfg.norm_num_groups,
