@@ -35,6 +35,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
         "data_dir": optional_path(),  # where TFDS keeps the prepared dataset (None: TFDS's default)
         # 'random[:SEED[:FRACTION]]' (the authors' seeded 80/20), 'official[:PART]' or 'indices:TRAIN[,TEST]'
         "split": "random",
+        # building the dataset leaves out unreadable images (and reports them) instead of failing
+        "skip_bad_images": False,
     })
 
     config.model = ml_collections.ConfigDict({

@@ -129,6 +129,36 @@ def test_listed_images_missing_are_all_named(tmp_path):
     assert "2 of the 12 images" in message and message.endswith("1003.jpg, 1007.jpg")
 
 
+def _spoil(folder):
+    """Two listed images turned unreadable: 1002.jpg truncated, 1005.jpg an HTML page."""
+    data = (folder / "1002.jpg").read_bytes()
+    (folder / "1002.jpg").write_bytes(data[:len(data) // 2])
+    (folder / "1005.jpg").write_text("<html><body>Not found</body></html>")
+
+
+def test_unreadable_images_fail_the_build_naming_each(tmp_path):
+    manual = make_fake("koniq10k", tmp_path / "manual")
+    _spoil(manual / "1024x768")
+    message = _prepare_error("koniq10k", tmp_path, manual)
+    assert "2 of the 12 images cannot be read" in message and "dataset.skip_bad_images" in message
+    assert "1002.jpg: truncated file" in message
+    assert "1005.jpg: unknown or unsupported image format" in message
+
+
+def test_skip_bad_images_leaves_them_out_and_reports_the_count(tmp_path, capsys):
+    manual = make_fake("koniq10k", tmp_path / "manual")
+    _spoil(manual / "1024x768")
+    builder = prepare("koniq10k", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual),
+                      skip_bad_images=True)
+    assert "left out 2 unreadable images of 12" in capsys.readouterr().out
+    names = {r["file_name"].decode() for r in _records(builder).values()}
+    assert len(names) == 10 and not names & {"1002.jpg", "1005.jpg"}
+    assert sorted(builder.info.metadata["skipped_images"]) == ["1002.jpg", "1005.jpg"]
+    # The metadata survives a reload, so a later run can tell what the build left out.
+    reopened = open_source("koniq10k", data_dir=str(tmp_path / "tfds"))
+    assert sum(len(ids) for ids in reopened.parts.values()) == 10
+
+
 @pytest.mark.parametrize("bad", ["abc", "nan", ""])
 def test_label_not_a_number(bad, tmp_path):
     manual = make_fake("flive", tmp_path / "manual", n=4)

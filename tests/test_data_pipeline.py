@@ -149,7 +149,7 @@ def test_indices_split_from_authors_file(koniq, tmp_path):
     assert set(_scored(_eval(koniq, split))) == set(range(24)) - seen
 
 
-def test_pipeline_errors(koniq, tmp_path):
+def test_pipeline_errors(koniq, tmp_path, monkeypatch):
     with pytest.raises(DatasetError, match="batch size 5 must be a positive multiple of the 2 processes"):
         _train(koniq, batch_size=5, process_count=2)
     with pytest.raises(DatasetError, match="fewer than one batch of 32"):
@@ -158,6 +158,10 @@ def test_pipeline_errors(koniq, tmp_path):
         _eval(koniq, part="extra")
     manual = make_fake("koniq10k", tmp_path / "manual", n=8)
     (manual / "1024x768" / "1001.jpg").write_bytes(encode(photo(), "JPEG")[:200])
+    with pytest.raises(DatasetError, match=r"1 of the 8 images cannot be read.*1001.jpg: truncated file"):
+        prepare("koniq10k", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual))
+    # Records written without that check (an older build) still fail by name when read.
+    monkeypatch.setattr("dpiqa_jax.data.base.unreadable", lambda paths: {})
     prepare("koniq10k", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual))
     with pytest.raises(ImageError, match=r"koniq10k/1.0.0 1001.jpg: truncated file"):
         _eval(str(tmp_path / "tfds"), "official", part="train")

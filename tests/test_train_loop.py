@@ -135,6 +135,27 @@ def test_a_nan_loss_stops_the_run_and_saves_nothing(train_root, tmp_path):
     assert records(workdir, "train")[-1]["step"] == 1
 
 
+def test_a_failed_checkpoint_save_stops_the_run_with_the_reason(train_root, tmp_path):
+    """A write that the file system refuses (here: a file-size limit, as a full disk would) in
+    orbax's background save: the run exits non-zero with one line naming the folder and the OS's
+    reason, instead of training on without checkpoints."""
+    import resource
+
+    limit = 4 << 20  # above the compilation cache's files (about 2 MB), below orbax's data files (5-7 MB)
+    workdir = tmp_path / "full"
+    result = subprocess.run(train_command(workdir, train_root), env=environment(train_root), cwd=REPO,
+                            capture_output=True, text=True, timeout=600,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert result.returncode == 2, result.stderr[-3000:]
+    # Orbax's threads log tracebacks of the failed writes, interleaved with ours: one message that
+    # names the folder and the OS's reason.
+    assert result.stderr.count("dpiqa-jax train: error:") == 1, result.stderr[-3000:]
+    ours = result.stderr[result.stderr.index("dpiqa-jax train: error:"):].split("\n")[0]
+    assert ours.startswith(f"dpiqa-jax train: error: {workdir / 'checkpoints'}"), ours
+    assert "saving a checkpoint failed" in ours and "File too large" in ours, ours
+    assert records(workdir, "train")[-1]["step"] == 6  # stopped at the first save, not at the end
+
+
 def test_restore_teacher_from_a_workdir_or_a_checkpoint_folder(smoke_run):
     cfg, params, embeddings = restore_teacher(str(smoke_run))
     from dpiqa_jax.teacher import teacher_config_from_dict

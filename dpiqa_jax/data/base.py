@@ -9,6 +9,7 @@ import csv
 import dataclasses
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -16,8 +17,11 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from dpiqa_jax.data.errors import DatasetError
+from dpiqa_jax.data.images import ImageError, load_image
 
 SPLIT_INDICES = "split_indices"
+SKIPPED = "skipped_images"  # metadata: {file name: reason} of the images a build left out
+NAMED_AT_MOST = 20  # bad files named in one message
 FULL = "full"  # the one TFDS split of a dataset without an official split
 
 
@@ -68,8 +72,9 @@ class IqaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     DESCRIPTION = ""
     HOMEPAGE = ""
 
-    def __init__(self, *, file_format: str = "array_record", **kwargs):
+    def __init__(self, *, file_format: str = "array_record", skip_bad_images: bool = False, **kwargs):
         super().__init__(file_format=file_format, **kwargs)
+        self.skip_bad_images = skip_bad_images
 
     def _features(self) -> tfds.features.FeaturesDict:
         return iqa_features()
@@ -114,7 +119,18 @@ class ManualIqaBuilder(IqaBuilder, skip_registration=True):
         rows = self._read_rows(label_file)
         if not rows:
             raise DatasetError(f"{self.name}: {label_file} lists no images")
-        return self._splits_from_rows(rows, self._image_paths(rows, label_file))
+        paths = self._image_paths(rows, label_file)
+        bad = unreadable(paths)
+        if bad and not self.skip_bad_images:
+            raise DatasetError(f"{self.name}: {len(bad)} of the {len(rows)} images cannot be read (the "
+                               f"dataset.skip_bad_images switch leaves them out): {_name_some(bad.values())}")
+        if bad:
+            print(f"{self.name}: left out {len(bad)} unreadable images of {len(rows)}: "
+                  f"{_name_some(bad.values())}")
+            self.info.metadata[SKIPPED] = {rows[i].name: reason for i, reason in bad.items()}
+            keep = [i for i in range(len(rows)) if i not in bad]
+            rows, paths = [rows[i] for i in keep], [paths[i] for i in keep]
+        return self._splits_from_rows(rows, paths)
 
     def _manual_root(self, dl_manager) -> Path:
         try:
@@ -144,6 +160,27 @@ class ManualIqaBuilder(IqaBuilder, skip_registration=True):
             raise DatasetError(f"{self.name}: {len(missing)} of the {len(rows)} images listed in "
                                f"{label_file} are not in {' or '.join(folders)}: {', '.join(missing)}")
         return paths
+
+
+def unreadable(paths: Sequence[str]) -> dict[int, str]:
+    """{position: 'FILE: reason'} of the images that fail a full decode (as training reads them:
+    same pixel cap, same decoder), checked on threads (PIL decodes without the GIL)."""
+    def check(path):
+        try:
+            load_image(path, size=8)
+        except ImageError as e:
+            return str(e)
+        return None
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        reasons = list(pool.map(check, paths))
+    return {i: reason for i, reason in enumerate(reasons) if reason is not None}
+
+
+def _name_some(reasons) -> str:
+    reasons = list(reasons)
+    more = f"; and {len(reasons) - NAMED_AT_MOST} more" if len(reasons) > NAMED_AT_MOST else ""
+    return "; ".join(reasons[:NAMED_AT_MOST]) + more
 
 
 def read_csv(label_file: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:

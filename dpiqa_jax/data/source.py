@@ -13,23 +13,26 @@ NAMES = ("koniq10k", "live_challenge", "flive", "spaq", "synthetic_iqa")
 Builder = tfds.core.DatasetBuilder
 
 
-def builder(name: Union[str, Builder], data_dir: Optional[str] = None) -> Builder:
-    """The TFDS builder of `name` ('koniq10k', 'live_challenge/all', ...) or `name` itself."""
+def builder(name: Union[str, Builder], data_dir: Optional[str] = None,
+            skip_bad_images: bool = False) -> Builder:
+    """The TFDS builder of `name` ('koniq10k', 'live_challenge/all', ...) or `name` itself.
+    `skip_bad_images`: building leaves out (and reports) unreadable images instead of failing."""
     if isinstance(name, Builder):
         return name
     import dpiqa_jax.data  # noqa: F401  (registers the builders)
 
     try:
-        return tfds.builder(name, data_dir=data_dir)
+        return tfds.builder(name, data_dir=data_dir, skip_bad_images=skip_bad_images)
     except (tfds.core.registered.DatasetNotFoundError, ValueError) as e:
         reason = " ".join(str(e).split())[:200]
         raise DatasetError(f"unknown dataset {name!r} (ours: {', '.join(NAMES)}): {reason}") from None
 
 
-def prepare(name, data_dir: Optional[str] = None, manual_dir: Optional[str] = None) -> Builder:
+def prepare(name, data_dir: Optional[str] = None, manual_dir: Optional[str] = None,
+            skip_bad_images: bool = False) -> Builder:
     """Build the dataset's records under `data_dir` unless already there; manual-download datasets
     read their files from `manual_dir` (default `<data_dir>/downloads/manual`)."""
-    found = builder(name, data_dir)
+    found = builder(name, data_dir, skip_bad_images)
     if not found.is_prepared():
         config = tfds.download.DownloadConfig(manual_dir=manual_dir)
         found.download_and_prepare(download_config=config)
@@ -64,10 +67,10 @@ class Source:
 
 
 def open_source(name, data_dir: Optional[str] = None, manual_dir: Optional[str] = None,
-                process_count: int = 1) -> Source:
+                process_count: int = 1, skip_bad_images: bool = False) -> Source:
     """The dataset ready to read; built first if needed, by a single process only (several
     processes would write the same files at once)."""
-    found = builder(name, data_dir)
+    found = builder(name, data_dir, skip_bad_images)
     if not found.is_prepared():
         if process_count > 1:
             raise DatasetError(f"{found.info.full_name} is not prepared under {found.data_dir}: prepare it "

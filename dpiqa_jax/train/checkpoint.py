@@ -12,6 +12,7 @@ Each folder keeps one orbax step; orbax writes a step to a temporary folder and 
 complete, and deletes the previous step only afterwards, so a kill at any moment leaves the last
 complete checkpoint restorable.
 """
+import contextlib
 import json
 import os
 from typing import Any, Optional
@@ -22,6 +23,21 @@ import orbax.checkpoint as ocp
 
 from dpiqa_jax.checkpoints import BEST, CHECKPOINTS, EMBEDDINGS_FILE, LATEST
 from dpiqa_jax.errors import UserError
+
+
+class SaveError(UserError):
+    """An asynchronous save failed (full disk, permissions): the run stops, the last good one stays."""
+
+
+@contextlib.contextmanager
+def _reporting(folder: str):
+    """Orbax raises a failed background save at the next save or wait: name the folder, one line."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 (any storage error; orbax wraps them in various types)
+        reason = " ".join(str(e).split())
+        raise SaveError(f"{folder}: saving a checkpoint failed, so the run stops (the last complete "
+                        f"checkpoint is kept): {type(e).__name__}: {reason}") from None
 
 
 class RunCheckpoints:
@@ -37,17 +53,19 @@ class RunCheckpoints:
     def save_latest(self, step: int, params, opt_state, meta: dict) -> None:
         """Saved only once the best checkpoints that `meta` mentions are on disk."""
         for name in BEST:
-            self.managers[name].wait_until_finished()
-        self.managers[LATEST].save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-            meta=ocp.args.JsonSave(meta)))
+            self._wait(name)
+        with _reporting(self.managers[LATEST].directory):
+            self.managers[LATEST].save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+                meta=ocp.args.JsonSave(meta)))
 
     def save_best(self, name: str, step: int, params, meta: dict) -> None:
         manager = self.managers[name]
         if manager.latest_step() == step:  # re-evaluated after a resume: already on disk
             return
-        manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
+        with _reporting(manager.directory):
+            manager.save(step, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
 
     def latest_step(self) -> Optional[int]:
         return self.managers[LATEST].latest_step()
@@ -61,13 +79,26 @@ class RunCheckpoints:
         return restored.params, restored.opt_state, restored.meta
 
     def wait(self) -> None:
-        """Blocks until pending asynchronous saves are on disk; a failed save raises here."""
-        for manager in self.managers.values():
-            manager.wait_until_finished()
+        """Blocks until pending asynchronous saves are on disk; a failed save raises SaveError."""
+        for name in self.managers:
+            self._wait(name)
 
-    def close(self) -> None:
+    def _wait(self, name: str) -> None:
+        with _reporting(self.managers[name].directory):
+            self.managers[name].wait_until_finished()
+
+    def close(self, failing: bool = False) -> None:
+        """Finishes pending saves and closes every folder. `failing`: the run is already stopping
+        on an error, which a save failure found here must not hide."""
+        error = None
         for manager in self.managers.values():
-            manager.close()
+            try:
+                with _reporting(manager.directory):
+                    manager.close()
+            except SaveError as e:
+                error = error or e
+        if error and not failing:
+            raise error
 
 
 def _options(name: str, async_save: bool) -> ocp.CheckpointManagerOptions:

@@ -23,7 +23,8 @@ class IQAData:
         mesh_lib.batch_size_per_process(mesh, self.eval_batch_size, "eval.batch_size")
         self.where = {"data_dir": ds.data_dir, "manual_dir": ds.manual_dir}
         self.name, self.split = ds.name, ds.split
-        source = open_source(ds.name, process_count=jax.process_count(), **self.where)
+        source = open_source(ds.name, process_count=jax.process_count(), skip_bad_images=ds.skip_bad_images,
+                             **self.where)
         parts = resolve(ds.split, source.parts, source.name)
         self.num_train, self.num_eval = len(parts["train"]), len(parts["test"])
         self.steps_per_epoch = self.num_train // self.batch_size

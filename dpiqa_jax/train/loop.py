@@ -112,16 +112,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Op
     train_step, eval_step, step_inputs = task.compile_steps(tx, mesh, shardings)
     reporter = Reporter(workdir, total_steps, start, config.batch_size)
     run = _Run(config, data, reporter, checkpoints, eval_step, step_inputs, best)
+    failing = True  # until the end: closing must not hide the error that stops the run
     try:
         with preemption.PreemptionWatch() as watch:
             state, final = run.train(state, train_step, start, total_steps, lr, steps_per_epoch, watch)
         checkpoints.wait()
         results = {"final": final, "best": {BEST[name]: meta for name, meta in run.best.items()}}
         reporter.results(results["final"], results["best"])
+        failing = False
         return results
     finally:
         reporter.close()
-        checkpoints.close()
+        checkpoints.close(failing)
 
 
 def _initial_state(config, task: Task, tx, mesh, checkpoints):
