@@ -159,6 +159,46 @@ def test_skip_bad_images_leaves_them_out_and_reports_the_count(tmp_path, capsys)
     assert sum(len(ids) for ids in reopened.parts.values()) == 10
 
 
+def _rewrite_koniq_rows(manual, change):
+    label_file = manual / "koniq10k_distributions_sets.csv"
+    with open(label_file) as f:
+        rows = list(csv.DictReader(f))
+    change(rows)
+    with open(label_file, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_mos_out_of_range_and_names_listed_twice_are_all_named(tmp_path):
+    manual = make_fake("koniq10k", tmp_path / "manual")
+
+    def out_of_range(rows):
+        rows[2]["MOS"], rows[5]["MOS"] = "250", "-1"
+
+    _rewrite_koniq_rows(manual, out_of_range)
+    message = _prepare_error("koniq10k", tmp_path, manual)
+    assert "koniq10k_distributions_sets.csv: 2 MOS values outside koniq10k's range 0-100" in message
+    assert message.endswith("1002.jpg (250); 1005.jpg (-1)")
+
+    manual = make_fake("koniq10k", tmp_path / "manual2")
+
+    def twice(rows):
+        rows[7]["image_name"] = rows[3]["image_name"]
+
+    _rewrite_koniq_rows(manual, twice)
+    message = _prepare_error("koniq10k", tmp_path / "2", manual)
+    assert message.endswith("1 image names are listed more than once: 1003.jpg (entries 3, 7)")
+
+
+def test_missing_column_is_named_with_the_header(tmp_path):
+    manual = make_fake("koniq10k", tmp_path / "manual")
+    label_file = manual / "koniq10k_distributions_sets.csv"
+    label_file.write_text(label_file.read_text().replace('"MOS"', '"mos_mean"', 1))
+    message = _prepare_error("koniq10k", tmp_path, manual)
+    assert message.startswith(f"{label_file}: no column 'MOS' in its header ['image_name',")
+
+
 @pytest.mark.parametrize("bad", ["abc", "nan", ""])
 def test_label_not_a_number(bad, tmp_path):
     manual = make_fake("flive", tmp_path / "manual", n=4)

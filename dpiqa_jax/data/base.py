@@ -105,6 +105,7 @@ class ManualIqaBuilder(IqaBuilder, skip_registration=True):
     LABEL_FILE = ""
     IMAGE_DIRS: tuple[str, ...] = (".",)
     DOWNLOAD = ""  # one line: what to download and from where
+    MOS_RANGE = (0.0, 100.0)  # every dataset of SPEC.md scores on 0-100
 
     @classmethod
     def instructions(cls) -> str:
@@ -119,6 +120,7 @@ class ManualIqaBuilder(IqaBuilder, skip_registration=True):
         rows = self._read_rows(label_file)
         if not rows:
             raise DatasetError(f"{self.name}: {label_file} lists no images")
+        self._check_rows(rows, label_file)
         paths = self._image_paths(rows, label_file)
         bad = unreadable(paths)
         if bad and not self.skip_bad_images:
@@ -131,6 +133,21 @@ class ManualIqaBuilder(IqaBuilder, skip_registration=True):
             keep = [i for i in range(len(rows)) if i not in bad]
             rows, paths = [rows[i] for i in keep], [paths[i] for i in keep]
         return self._splits_from_rows(rows, paths)
+
+    def _check_rows(self, rows: Sequence[Row], label_file: Path) -> None:
+        """MOS values out of range and names listed twice: each kind in one error naming them all."""
+        low, high = self.MOS_RANGE
+        outside = [f"{row.name} ({row.mos:g})" for row in rows if not low <= row.mos <= high]
+        if outside:
+            raise DatasetError(f"{label_file}: {len(outside)} MOS values outside {self.name}'s range "
+                               f"{low:g}-{high:g}: {_name_some(outside)}")
+        entries: dict[str, list[int]] = {}
+        for row in rows:
+            entries.setdefault(row.name, []).append(row.index)
+        twice = [f"{name} (entries {', '.join(map(str, at))})" for name, at in entries.items() if len(at) > 1]
+        if twice:
+            raise DatasetError(f"{label_file}: {len(twice)} image names are listed more than once: "
+                               f"{_name_some(twice)}")
 
     def _manual_root(self, dl_manager) -> Path:
         try:
