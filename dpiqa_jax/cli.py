@@ -3,7 +3,9 @@
 import argparse
 import importlib
 import sys
+import traceback
 
+from dpiqa_jax.commands.train import joined_distributed, leave_now
 from dpiqa_jax.errors import UserError
 
 COMMANDS = ("train", "evaluate", "distill", "export", "predict", "embed_prompts")
@@ -23,7 +25,15 @@ def main(argv=None) -> int:
         return int(args.run(args) or 0)
     except (UserError, FileNotFoundError) as e:
         print(f"dpiqa-jax {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
+    except Exception:
+        if not joined_distributed():
+            raise
+        traceback.print_exc()
+        code = 1
+    if joined_distributed():
+        leave_now(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -85,3 +85,25 @@ def test_smoke_run_as_2_processes_with_fsdp_matches_1_device(train_root, tmp_pat
     assert [p.returncode for p in procs] == [0, 0], "\n".join(f"process {i}: {err[-2000:]}"
                                                              for i, err in enumerate(outputs))
     assert_same_run(request.getfixturevalue("smoke_run"), workdir)
+
+
+def test_a_process_that_fails_stops_the_other_instead_of_hanging(train_root, tmp_path):
+    """Process 1 fails at start (its dataset folder is empty) while process 0 goes on and waits in
+    the first collective: process 1 exits at once with its one-line error, and the coordination
+    service stops process 0 once process 1's heartbeats stop, instead of both hanging."""
+    port, timeout = free_port(), 5
+    env = environment(train_root, devices=1)
+    procs = [subprocess.Popen(
+        train_command(tmp_path / "run", train_root if i == 0 else tmp_path / "empty") + [
+            "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i),
+            "--heartbeat-timeout", str(timeout)],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        errors = [p.communicate(timeout=300)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[1].returncode == 2, errors[1][-2000:]
+    assert errors[1].strip().splitlines()[-1].startswith("dpiqa-jax train: error: synthetic_iqa/tiny")
+    assert "is not prepared" in errors[1]
+    assert procs[0].returncode != 0, errors[0][-2000:]

@@ -4,6 +4,7 @@ Re-running the same command resumes from DIR/checkpoints/latest.
 """
 import argparse
 import json
+import os
 import sys
 
 from dpiqa_jax.errors import UserError
@@ -35,15 +36,36 @@ def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--coordinator", help="HOST:PORT of process 0 (else $JAX_COORDINATOR_ADDRESS)")
     group.add_argument("--num-processes", type=int)
     group.add_argument("--process-id", type=int)
+    group.add_argument("--heartbeat-timeout", type=int, default=60, metavar="SECONDS",
+                       help="when a process dies, the others stop after this long (default 60)")
+
+
+_joined = False  # whether this process is part of a jax.distributed run
 
 
 def initialize_distributed(args) -> None:
     """Calls jax.distributed.initialize when asked to; must run before anything touches devices."""
+    global _joined
     if args.distributed or args.coordinator or args.num_processes:
         import jax
 
         jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                                   process_id=args.process_id)
+                                   process_id=args.process_id,
+                                   heartbeat_timeout_seconds=args.heartbeat_timeout)
+        _joined = True
+
+
+def joined_distributed() -> bool:
+    return _joined
+
+
+def leave_now(code: int) -> None:
+    """Exits at once, for a failed process of a multi-process run: the orderly jax.distributed
+    shutdown would wait for the other processes, which wait in a collective for this one, so all
+    would hang. Its missed heartbeats then make the coordination service stop the others."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def collect_config_overrides(parser: argparse.ArgumentParser) -> None:
