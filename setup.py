@@ -33,5 +33,5 @@ setup(
         "torch": ["torch==2.14.1"],
         "test": ["torch==2.14.1", "torchvision==0.29.1", "pytest", "pytest-xdist", "ruff"],
     },
-    entry_points={"console_scripts": ["dpiqa-jax=dpiqa_jax.cli:main"]},
+    entry_points={"console_scripts": ["dpiqa-jax=dpiqa_jax.cli:run_as_command"]},
 )

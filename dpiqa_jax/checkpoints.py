@@ -8,6 +8,7 @@ A training workdir (see `train/checkpoint.py`) looks like
 
 and `teacher.save_teacher` writes the same files flat: DIR/model.json, DIR/params, ...
 """
+import contextlib
 import os
 from typing import Optional
 
@@ -20,6 +21,18 @@ MODEL_FILE, EMBEDDINGS_FILE = "model.json", "prompt_embeddings.npy"
 STUDENT_FILE = "student.json"  # a distillation workdir's StudentSpec, in place of model.json
 CHECKPOINTS, PARAMS = "checkpoints", "params"
 LATEST, BEST = "latest", ("best_srcc", "best_plcc")
+UNREADABLE = "cannot restore this checkpoint (incomplete or damaged files)"
+
+
+@contextlib.contextmanager
+def naming_folder(folder: str, failure: str, error_type: type = UserError):
+    """Any error of orbax or its storage inside the block becomes one `error_type` line naming
+    `folder` (orbax wraps file system errors in several exception types)."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001
+        reason = " ".join(str(e).split())
+        raise error_type(f"{folder}: {failure}: {type(e).__name__}: {reason}") from None
 
 
 def resolve(path: str, model_file: str = MODEL_FILE) -> tuple[str, str]:
@@ -59,14 +72,16 @@ def restore_item(step_dir: str, item: str = PARAMS, sharding_fn=None):
     tree)` places it (default: the first local device)."""
     checkpointer = ocp.StandardCheckpointer()
     folder = os.path.join(step_dir, item)
-    tree = checkpointer.metadata(folder).item_metadata.tree
+    with naming_folder(folder, UNREADABLE):
+        tree = checkpointer.metadata(folder).item_metadata.tree
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
     if sharding_fn is None:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: device, abstract)
     else:
         shardings = sharding_fn(abstract)
-    return checkpointer.restore(folder, with_shardings(abstract, shardings))
+    with naming_folder(folder, UNREADABLE):
+        return checkpointer.restore(folder, with_shardings(abstract, shardings))
 
 
 def with_shardings(abstract_tree, shardings):

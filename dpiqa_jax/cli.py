@@ -20,21 +20,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Runs one command in this process and returns its exit code (user errors: one line, 2)."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)
     except (UserError, FileNotFoundError) as e:
         print(f"dpiqa-jax {args.command}: error: {e}", file=sys.stderr)
-        code = 2
+        return 2
     except Exception:
         if not joined_distributed():
             raise
         traceback.print_exc()
-        code = 1
-    if joined_distributed():
+        return 1
+
+
+def run_as_command() -> None:
+    """The `dpiqa-jax` program. A failed command exits at once, skipping the interpreter's teardown
+    (where orbax's threads print tracebacks of reads cut short) and jax.distributed's shutdown
+    barrier (which waits for the other processes, themselves waiting for this one)."""
+    code = main()
+    if code:
         leave_now(code)
-    return code
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_as_command()

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from train_helpers import CLI, REPO, check, environment, records, results, run, train_command
+from train_helpers import CLI, REPO, check, environment, error_line, records, results, run, train_command
 
 from dpiqa_jax.teacher import restore_teacher
 
@@ -147,13 +147,37 @@ def test_a_failed_checkpoint_save_stops_the_run_with_the_reason(train_root, tmp_
                             capture_output=True, text=True, timeout=600,
                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
     assert result.returncode == 2, result.stderr[-3000:]
-    # Orbax's threads log tracebacks of the failed writes, interleaved with ours: one message that
-    # names the folder and the OS's reason.
-    assert result.stderr.count("dpiqa-jax train: error:") == 1, result.stderr[-3000:]
-    ours = result.stderr[result.stderr.index("dpiqa-jax train: error:"):].split("\n")[0]
-    assert ours.startswith(f"dpiqa-jax train: error: {workdir / 'checkpoints'}"), ours
+    ours = error_line(result.stderr, "train")
+    assert ours.startswith(f"{workdir / 'checkpoints'}"), ours
     assert "saving a checkpoint failed" in ours and "File too large" in ours, ours
     assert records(workdir, "train")[-1]["step"] == 6  # stopped at the first save, not at the end
+
+
+def _damage(folder):
+    """Cuts the largest data file of an orbax item in half (a disk or a copy gone wrong)."""
+    data = max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
+
+
+def test_a_damaged_checkpoint_is_one_line_naming_its_folder(smoke_run, train_root, tmp_path):
+    import shutil
+
+    workdir = tmp_path / "damaged"
+    shutil.copytree(smoke_run, workdir)
+    best = workdir / "checkpoints" / "best_srcc" / str(results(smoke_run)["best"]["srcc"]["step"])
+    latest = workdir / "checkpoints" / "latest" / "12"
+    _damage(best / "params")
+    _damage(latest / "opt_state")
+    image = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), (90, 120, 60)).save(image)
+    commands = {"predict": (CLI + ["predict", "--checkpoint", str(workdir), str(image)], best / "params"),
+                "train": (train_command(workdir, train_root), latest)}
+    for name, (command, folder) in commands.items():
+        result = run(command, environment(train_root))
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert error_line(result.stderr, name).startswith(f"{folder}: cannot restore this checkpoint")
 
 
 def test_restore_teacher_from_a_workdir_or_a_checkpoint_folder(smoke_run):

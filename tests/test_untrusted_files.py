@@ -72,6 +72,29 @@ def test_predict_refuses_the_trap_in_one_line(trap, tmp_path):
     assert len(lines) == 1 and str(path) in lines[0] and "weights-only" in lines[0], result.stderr
 
 
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors", ".npy"])
+def test_truncated_files_are_one_error_naming_the_file(suffix, tmp_path):
+    """A download cut short: every reader says which file and why, in one line."""
+    path = tmp_path / f"cut{suffix}"
+    weights = np.zeros((64, 32), np.float32)
+    if suffix == ".pth":
+        torch.save({"w": torch.from_numpy(weights)}, path)
+    elif suffix == ".safetensors":
+        from safetensors.numpy import save_file
+
+        save_file({"w": weights}, str(path))
+    else:
+        np.save(path, weights)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    readers = [load_prompt_embeddings, read_indices]
+    readers += [torch_files.read_tensors, scorer.load] if suffix != ".npy" else []
+    for reader in readers:
+        with pytest.raises(UserError) as error:
+            reader(path if reader is not torch_files.read_tensors else str(path))
+        assert str(error.value).startswith(f"{path}: ") and "\n" not in str(error.value), reader
+
+
 def test_object_arrays_in_npy_files_are_refused(tmp_path):
     path = tmp_path / "prompts.npy"
     np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)

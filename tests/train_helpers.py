@@ -67,3 +67,11 @@ def records(workdir: Path, split: str) -> list[dict]:
 def results(workdir: Path) -> dict:
     with open(workdir / "results.json") as f:
         return json.load(f)
+
+
+def error_line(stderr: str, command: str) -> str:
+    """The one error line of a failed `dpiqa-jax COMMAND`. Orbax's and tensorstore's threads may
+    still print tracebacks (of the reads or writes cut short) around it, even mid-line."""
+    marker = f"dpiqa-jax {command}: error: "
+    assert stderr.count(marker) == 1, stderr[-3000:]
+    return stderr[stderr.index(marker) + len(marker):].split("\n")[0]

@@ -60,9 +60,7 @@ def joined_distributed() -> bool:
 
 
 def leave_now(code: int) -> None:
-    """Exits at once, for a failed process of a multi-process run: the orderly jax.distributed
-    shutdown would wait for the other processes, which wait in a collective for this one, so all
-    would hang. Its missed heartbeats then make the coordination service stop the others."""
+    """Exits with `code` at once, without the interpreter's teardown."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

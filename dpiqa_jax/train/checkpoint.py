@@ -12,7 +12,7 @@ Each folder keeps one orbax step; orbax writes a step to a temporary folder and 
 complete, and deletes the previous step only afterwards, so a kill at any moment leaves the last
 complete checkpoint restorable.
 """
-import contextlib
+import functools
 import json
 import os
 from typing import Any, Optional
@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dpiqa_jax.checkpoints import BEST, CHECKPOINTS, EMBEDDINGS_FILE, LATEST
+from dpiqa_jax.checkpoints import BEST, CHECKPOINTS, EMBEDDINGS_FILE, LATEST, UNREADABLE, naming_folder
 from dpiqa_jax.errors import UserError
 
 
@@ -29,15 +29,10 @@ class SaveError(UserError):
     """An asynchronous save failed (full disk, permissions): the run stops, the last good one stays."""
 
 
-@contextlib.contextmanager
-def _reporting(folder: str):
-    """Orbax raises a failed background save at the next save or wait: name the folder, one line."""
-    try:
-        yield
-    except Exception as e:  # noqa: BLE001 (any storage error; orbax wraps them in various types)
-        reason = " ".join(str(e).split())
-        raise SaveError(f"{folder}: saving a checkpoint failed, so the run stops (the last complete "
-                        f"checkpoint is kept): {type(e).__name__}: {reason}") from None
+# Orbax raises a failed background save at the next save or wait of that folder.
+_reporting = functools.partial(naming_folder, error_type=SaveError,
+                               failure="saving a checkpoint failed, so the run stops (the last complete "
+                                       "checkpoint is kept)")
 
 
 class RunCheckpoints:
@@ -73,9 +68,10 @@ class RunCheckpoints:
     def restore_latest(self, abstract_params, abstract_opt_state) -> tuple[Any, Any, dict]:
         """(params, opt_state, meta) of the latest step, placed as the abstract trees' shardings."""
         manager = self.managers[LATEST]
-        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_params),
-            opt_state=ocp.args.StandardRestore(abstract_opt_state), meta=ocp.args.JsonRestore()))
+        with naming_folder(os.path.join(manager.directory, str(manager.latest_step())), UNREADABLE):
+            restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_params),
+                opt_state=ocp.args.StandardRestore(abstract_opt_state), meta=ocp.args.JsonRestore()))
         return restored.params, restored.opt_state, restored.meta
 
     def wait(self) -> None:
