@@ -40,9 +40,17 @@ class Scorer:
 
     def __call__(self, images: Sequence) -> np.ndarray:
         """Scores of image paths or of (S, S, 3) arrays already preprocessed."""
-        arrays = np.stack([load_image(x, self.image_size) if isinstance(x, str) else np.asarray(x, np.float32)
-                           for x in images])
-        return self.predict_arrays(arrays)[0]
+        return self.predict_arrays(self.load(images))[0]
+
+    def feature_maps(self, images: Sequence) -> np.ndarray:
+        """Quality feature maps (N, m, m, 8) of image paths or preprocessed arrays
+        (`dpiqa_jax.heatmaps.render` draws them)."""
+        return self.predict_arrays(self.load(images))[1]
+
+    def load(self, images: Sequence) -> np.ndarray:
+        """Paths (or os.PathLike) read as the model expects; arrays taken as already preprocessed."""
+        return np.stack([load_image(x, self.image_size) if isinstance(x, (str, os.PathLike))
+                         else np.asarray(x, np.float32) for x in images])
 
 
 def teacher_scorer(cfg: TeacherConfig, params, embeddings, *, latent: str = "mean", batch_size: int = 8,

@@ -156,6 +156,37 @@ def test_predict_scores_the_good_files_and_names_each_bad_one(student_files, tmp
         assert line.startswith(f"skipped: {tmp_path / name}: "), line
 
 
+def test_save_maps_writes_a_heatmap_panel_per_image(student_files, tmp_path, monkeypatch):
+    from dpiqa_jax import heatmaps, scorer
+    from dpiqa_jax.cli import main
+
+    tmp, _, paths, _ = student_files
+    monkeypatch.chdir(tmp)
+    maps = tmp_path / "maps"
+    assert main(["predict", "--checkpoint", "student.pth", "--variant", "b0", "--image-size", "64",
+                 "--batch-size", "3", "--save-maps", str(maps), *[p.name for p in paths]]) == 0
+    assert sorted(f.name for f in maps.iterdir()) == sorted(f"{p.stem}.png" for p in paths)
+    loaded = scorer.load(tmp / "student.pth", student_spec=SPEC, batch_size=3)
+    fmap = loaded.feature_maps([paths[0]])[0]
+    assert fmap.shape == (SPEC.image_size // 8, SPEC.image_size // 8, 8)  # 64 x 64 at 512 px
+    panel = np.asarray(Image.open(maps / f"{paths[0].stem}.png"))
+    expected = heatmaps.render(loaded.load([paths[0]])[0], fmap, title="x")
+    assert panel.shape == np.asarray(expected).shape
+    side, top, gap = heatmaps.SIDE, 20, heatmaps.GAP
+    thumb, overlay = panel[top:top + side, :side], panel[top:top + side, side + gap:2 * side + gap]
+    np.testing.assert_array_equal(thumb, np.asarray(expected)[top:top + side, :side])
+    assert np.abs(overlay.astype(int) - thumb.astype(int)).mean() > 10  # the map is laid over it
+
+
+def test_colour_ramp_runs_from_dark_to_bright():
+    from dpiqa_jax.heatmaps import colorize
+
+    colours = colorize(np.linspace(-3.0, 5.0, 50)[None]).astype(float)[0]
+    luminance = colours @ [0.299, 0.587, 0.114]
+    assert np.all(np.diff(luminance) > 0) and luminance[0] < 5 and luminance[-1] > 240
+    assert np.all(colorize(np.full((2, 2), 7.0)) == colorize(np.zeros((2, 2))))  # a flat map is uniform
+
+
 def test_export_command_then_predict_the_export(student_files):
     tmp, _, paths, expected = student_files
     # Both commands run the model on 3 images at once: with a shared compilation cache, predict

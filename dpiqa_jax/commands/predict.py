@@ -25,6 +25,8 @@ def register(sub):
     p.add_argument("--output", help="write results to OUT.json or OUT.csv (default: a table on stdout)")
     p.add_argument("--latent", choices=("mean", "sample"), default="mean",
                    help="posterior mean (deterministic, default) or a random draw as the authors do")
+    p.add_argument("--save-maps", metavar="DIR",
+                   help="also write each image's quality feature map as a heatmap PNG in DIR")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0, help="seed of the draws with --latent sample")
     add_student_arguments(p)
@@ -65,6 +67,23 @@ def write_results(rows, output):
         raise UserError(f"{output}: the output must end in .json or .csv")
 
 
+def map_file(folder: str, path: str) -> str:
+    """DIR/<the image's path (relative to here when below it), '/' turned into '__'>.png: distinct
+    images get distinct files."""
+    name = os.path.relpath(path)
+    if name.startswith(os.pardir):
+        name = os.path.abspath(path).lstrip(os.sep)
+    return os.path.join(folder, os.path.splitext(name.replace(os.sep, "__"))[0] + ".png")
+
+
+def save_maps(folder: str, paths, images, maps, scores) -> None:
+    from dpiqa_jax.heatmaps import render
+
+    os.makedirs(folder, exist_ok=True)
+    for path, image, fmap, score in zip(paths, images, maps, scores, strict=True):
+        render(image, fmap, title=f"{os.path.basename(path)}  score {score:.4f}").save(map_file(folder, path))
+
+
 def run(args):
     from dpiqa_jax import scorer as scorer_lib
     from dpiqa_jax.data.images import ImageError, load_image
@@ -86,8 +105,10 @@ def run(args):
                 print(f"skipped: {e}", file=sys.stderr)
                 failed += 1
         if images:
-            scores = scorer.predict_arrays(np.stack(images))[0]
+            scores, maps = scorer.predict_arrays(np.stack(images))
             rows += [{"path": p, "score": float(s)} for p, s in zip(good, scores, strict=True)]
+            if args.save_maps:
+                save_maps(args.save_maps, good, images, maps, scores)
     if rows:
         write_results(rows, args.output)
     return 1 if failed else 0
