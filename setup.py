@@ -20,6 +20,7 @@ setup(
         "safetensors>=0.4",
         "pillow>=10",
         "tqdm",
+        "matplotlib>=3.8",  # evaluate's scatter plots
         "openpyxl",
         # synthetic_iqa: reference photos shipped in its wheel, and SSIM labels.
         "scikit-image>=0.22",

@@ -7,6 +7,8 @@ import pytest
 from PIL import Image
 from train_helpers import CLI, REPO, check, environment, records, results, run
 
+from dpiqa_jax.commands import evaluate as evaluate_command
+
 pytest_plugins = ("train_fixtures",)  # the session fixtures train_root and smoke_run
 pytestmark = pytest.mark.slow
 
@@ -41,12 +43,17 @@ def test_distill_smoke_run_then_predict_and_export_its_workdir(smoke_run, train_
     assert np.isfinite(scores[0]) and scores[0] == scores[1]
 
     best = results(workdir)["best"]["srcc"]["metrics"]
-    for checkpoint in (workdir, exported):  # evaluate takes students too, reproducing the run's own
-        out = tmp_path / f"eval-{checkpoint.name}"
-        check(run(CLI + ["evaluate", "--checkpoint", str(checkpoint), "--dataset", "synthetic_iqa/tiny",
-                         "--protocol", "official", "--batch-size", "32",
-                         "--data-dir", str(train_root / "tfds"), "--output", str(out)], env))
-        got = json.loads((out / "results.json").read_text())
+    out = tmp_path / "eval"  # evaluate takes students too, reproducing the run's own evaluation
+    table = check(run(CLI + ["evaluate", "--checkpoint", str(workdir), str(exported), "--dataset",
+                             "synthetic_iqa/tiny", "--protocol", "official", "--batch-size", "32",
+                             "--data-dir", str(train_root / "tfds"), "--output", str(out)], env)).stdout
+    names = evaluate_command.labels([str(workdir), str(exported)])
+    assert table.startswith("| checkpoint | synthetic_iqa/tiny |")
+    assert table == (out / "table.md").read_text() + "\n"  # print adds a newline
+    for name in names:
+        got = json.loads((out / name / "synthetic_iqa-tiny" / "results.json").read_text())
+        assert f"| {name} | {got['srcc']:.4f} / {got['plcc']:.4f} |" in table
+        assert (out / name / "synthetic_iqa-tiny" / "scatter.png").stat().st_size > 10_000
         # After 12 steps the student's scores differ only in their 6th digit: PLCC is then float
         # noise (measured 0.060 vs 0.044 with another batch size), so RMSE stands in for it.
         assert got["num_images"] == 8 and got["srcc"] == pytest.approx(best["srcc"], abs=1e-6)

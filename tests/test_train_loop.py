@@ -205,6 +205,7 @@ def test_evaluate_command_reproduces_the_best_evaluation(smoke_run, train_root, 
     assert got["num_images"] == 8 and got["srcc"] == pytest.approx(best["srcc"], abs=1e-6)
     assert got["plcc"] == pytest.approx(best["plcc"], rel=1e-5)
     assert len((out / "predictions.csv").read_text().splitlines()) == 9
+    assert (out / "scatter.png").stat().st_size > 10_000
 
 
 def test_config_mistakes_are_one_line_errors_before_any_work(train_root, tmp_path):
