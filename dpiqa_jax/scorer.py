@@ -18,13 +18,23 @@ from dpiqa_jax.student_io import StudentSpec, Variables, is_student_checkpoint, 
 
 
 class Scorer:
-    """Batched inference of a model; scores are in the checkpoint's own scale.
+    """Batched inference of a model; scores are in the checkpoint's own scale: every model here
+    (the authors' and ours) learns its dataset's label on 0-1 (MOS / 100 for the real datasets,
+    SSIM for synthetic_iqa), so about 0 (worst) to 1 (best), higher is better.
 
     `predict(images, start)` -> (scores, maps) runs one batch of exactly `batch_size` images (the
     last batch is padded, so one compiled program serves all); `start` is its first image's index."""
 
+    score_range = (0.0, 1.0)  # scores may stray a little outside it
+    lower_better = False
+
     def __init__(self, predict: Callable, image_size: int, batch_size: int = 8):
         self.predict, self.image_size, self.batch_size = predict, image_size, batch_size
+
+    def describe_range(self) -> str:
+        low, high = self.score_range
+        better = "lower" if self.lower_better else "higher"
+        return f"about {low:g} to {high:g} (the training label: MOS / 100), {better} is better"
 
     def predict_arrays(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(scores (N,), feature maps (N, m, m, 8)) of preprocessed images (N, S, S, 3) in [0, 1]."""

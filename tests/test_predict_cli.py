@@ -156,7 +156,7 @@ def test_predict_scores_the_good_files_and_names_each_bad_one(student_files, tmp
         assert line.startswith(f"skipped: {tmp_path / name}: "), line
 
 
-def test_save_maps_writes_a_heatmap_panel_per_image(student_files, tmp_path, monkeypatch):
+def test_save_maps_writes_a_heatmap_panel_per_image(student_files, tmp_path, monkeypatch, capsys):
     from dpiqa_jax import heatmaps, scorer
     from dpiqa_jax.cli import main
 
@@ -164,7 +164,10 @@ def test_save_maps_writes_a_heatmap_panel_per_image(student_files, tmp_path, mon
     monkeypatch.chdir(tmp)
     maps = tmp_path / "maps"
     assert main(["predict", "--checkpoint", "student.pth", "--variant", "b0", "--image-size", "64",
-                 "--batch-size", "3", "--save-maps", str(maps), *[p.name for p in paths]]) == 0
+                 "--batch-size", "3", "--score-range", "--save-maps", str(maps),
+                 *[p.name for p in paths]]) == 0
+    assert capsys.readouterr().err == ("scores: about 0 to 1 (the training label: MOS / 100), higher is "
+                                       "better\n")
     assert sorted(f.name for f in maps.iterdir()) == sorted(f"{p.stem}.png" for p in paths)
     loaded = scorer.load(tmp / "student.pth", student_spec=SPEC, batch_size=3)
     fmap = loaded.feature_maps([paths[0]])[0]

@@ -6,6 +6,7 @@ import os
 import sys
 
 import numpy as np
+from tqdm import tqdm
 
 from dpiqa_jax.commands.export import add_student_arguments, student_spec
 from dpiqa_jax.errors import UserError
@@ -27,6 +28,8 @@ def register(sub):
                    help="posterior mean (deterministic, default) or a random draw as the authors do")
     p.add_argument("--save-maps", metavar="DIR",
                    help="also write each image's quality feature map as a heatmap PNG in DIR")
+    p.add_argument("--score-range", action="store_true",
+                   help="also print the checkpoint's score scale and which direction is better")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0, help="seed of the draws with --latent sample")
     add_student_arguments(p)
@@ -94,21 +97,26 @@ def run(args):
     scorer = scorer_lib.load(args.checkpoint, args.prompt_embeddings, args.model_config,
                              student_spec=student_spec(args), latent=args.latent, batch_size=args.batch_size,
                              seed=args.seed)
+    if args.score_range:
+        print(f"scores: {scorer.describe_range()}", file=sys.stderr)
     rows, failed = [], 0
-    for start in range(0, len(paths), args.batch_size):
-        good, images = [], []
-        for path in paths[start:start + args.batch_size]:
-            try:
-                images.append(load_image(path, scorer.image_size))
-                good.append(path)
-            except ImageError as e:
-                print(f"skipped: {e}", file=sys.stderr)
-                failed += 1
-        if images:
-            scores, maps = scorer.predict_arrays(np.stack(images))
-            rows += [{"path": p, "score": float(s)} for p, s in zip(good, scores, strict=True)]
-            if args.save_maps:
-                save_maps(args.save_maps, good, images, maps, scores)
+    # A progress bar with images/s on a terminal only (disable=None), so that logs stay clean.
+    with tqdm(total=len(paths), unit="img", disable=None, file=sys.stderr) as bar:
+        for start in range(0, len(paths), args.batch_size):
+            good, images = [], []
+            for path in paths[start:start + args.batch_size]:
+                try:
+                    images.append(load_image(path, scorer.image_size))
+                    good.append(path)
+                except ImageError as e:
+                    tqdm.write(f"skipped: {e}", file=sys.stderr)
+                    failed += 1
+            if images:
+                scores, maps = scorer.predict_arrays(np.stack(images))
+                rows += [{"path": p, "score": float(s)} for p, s in zip(good, scores, strict=True)]
+                if args.save_maps:
+                    save_maps(args.save_maps, good, images, maps, scores)
+            bar.update(len(paths[start:start + args.batch_size]))
     if rows:
         write_results(rows, args.output)
     return 1 if failed else 0
