@@ -46,6 +46,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
         # prompt matrix (.pth, .npy or .safetensors); None = a fixed random matrix (the demo)
         "embeddings": optional_path("~/models/quality_embeddings.pth"),
         "num_prompts": 1485,  # rows of the random demo prompt matrix (embeddings None)
+        # fine-tune a teacher checkpoint (the authors' .pth, a workdir): its architecture, weights and
+        # prompt matrix (unless `embeddings` is set) start the run; `arch` and `sd_dir` are then unused
+        "init_from": optional_path(),
         "dtype": "bfloat16",  # compute dtype; params and Adam state stay float32
         # recompute the U-Net's layers in the backward pass: with fsdp, what fits 16 GB chips
         "remat": False,

@@ -109,8 +109,21 @@ def make_spaq(root: Path, n: int = 10) -> Path:
     return root
 
 
+def make_image_folder(root: Path, n: int = 10) -> Path:
+    """scores.csv (image, mos) with images in the folder and in a subfolder, as a user writes it."""
+    root.mkdir(parents=True, exist_ok=True)
+    names = [f"shots/{i}.png" if i % 3 == 0 else f"{i}.jpg" for i in range(n)]
+    with open(root / "scores.csv", "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["image", "mos"])
+        for i, (name, mos) in enumerate(zip(names, scores(n), strict=True)):
+            out.writerow([name, mos])
+            write_image(root / name, seed=i)
+    return root
+
+
 MAKERS = {"koniq10k": make_koniq10k, "live_challenge": make_live_challenge, "flive": make_flive,
-          "spaq": make_spaq}
+          "spaq": make_spaq, "image_folder": make_image_folder}
 
 
 def make_fake(name: str, root: Path, n: int = 12, **kwargs) -> Path:

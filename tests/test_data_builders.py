@@ -73,6 +73,24 @@ def test_spaq(tmp_path):
     _check(_records(builder), [(i, r[0], r[1]) for i, r in enumerate(rows)], manual / "TestImage")
 
 
+def test_image_folder(tmp_path):
+    builder = prepare_fake("image_folder", tmp_path, n=10)
+    manual = tmp_path / "manual"
+    with open(manual / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    _check(_records(builder), [(i, r["image"], float(r["mos"])) for i, r in enumerate(rows)], manual)
+    assert {k: len(v) for k, v in Source(builder).parts.items()} == {"full": 10}
+
+
+def test_image_folder_records_are_not_reused_for_another_csv(tmp_path):
+    prepare_fake("image_folder", tmp_path, n=10)
+    data_dir = str(tmp_path / "tfds")
+    assert open_source("image_folder", data_dir, str(tmp_path / "manual")).parts["full"].size == 10
+    other = make_fake("image_folder", tmp_path / "other", n=6)
+    with pytest.raises(DatasetError, match=r"were built from another scores.csv than .*other/scores.csv"):
+        open_source("image_folder", data_dir, str(other))
+
+
 def test_synthetic_iqa(tmp_path):
     builder = prepare_fake("synthetic_iqa/tiny", tmp_path)
     source = Source(builder)

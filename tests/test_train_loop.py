@@ -180,6 +180,21 @@ def test_a_damaged_checkpoint_is_one_line_naming_its_folder(smoke_run, train_roo
         assert error_line(result.stderr, name).startswith(f"{folder}: cannot restore this checkpoint")
 
 
+def test_init_from_starts_training_from_the_checkpoint(smoke_run):
+    """Fine-tuning: `model.init_from` gives the run the checkpoint's weights and prompt matrix."""
+    import jax
+
+    from dpiqa_jax.train.config_util import apply_overrides, load_config
+    from dpiqa_jax.train.loop import teacher_task
+
+    config = load_config(str(REPO / "configs" / "demo.py") + ":smoke")
+    apply_overrides(config, [("model.init_from", str(smoke_run))])
+    task = teacher_task(config)
+    _, params, embeddings = restore_teacher(str(smoke_run))
+    jax.tree.map(np.testing.assert_array_equal, task.init_params(), params)
+    np.testing.assert_array_equal(task.embeddings, embeddings)
+
+
 def test_restore_teacher_from_a_workdir_or_a_checkpoint_folder(smoke_run):
     cfg, params, embeddings = restore_teacher(str(smoke_run))
     from dpiqa_jax.teacher import teacher_config_from_dict

@@ -11,7 +11,7 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -133,6 +133,11 @@ class ManualIqaBuilder(IqaBuilder, skip_registration=True):
             keep = [i for i in range(len(rows)) if i not in bad]
             rows, paths = [rows[i] for i in keep], [paths[i] for i in keep]
         return self._splits_from_rows(rows, paths)
+
+    def stale_reason(self, manual_dir: str) -> Optional[str]:
+        """Why the prepared records do not hold what `manual_dir` has now (None: they do, or
+        cannot be told cheaply). Datasets whose files never change need no check."""
+        return None
 
     def _check_rows(self, rows: Sequence[Row], label_file: Path) -> None:
         """MOS values out of range and names listed twice: each kind in one error naming them all."""

@@ -4,10 +4,10 @@ from typing import Optional, Union
 import numpy as np
 import tensorflow_datasets as tfds
 
-from dpiqa_jax.data.base import SPLIT_INDICES
+from dpiqa_jax.data.base import SPLIT_INDICES, ManualIqaBuilder
 from dpiqa_jax.data.errors import DatasetError
 
-NAMES = ("koniq10k", "live_challenge", "flive", "spaq", "synthetic_iqa")
+NAMES = ("koniq10k", "live_challenge", "flive", "spaq", "synthetic_iqa", "image_folder")
 
 
 Builder = tfds.core.DatasetBuilder
@@ -71,6 +71,10 @@ def open_source(name, data_dir: Optional[str] = None, manual_dir: Optional[str] 
     """The dataset ready to read; built first if needed, by a single process only (several
     processes would write the same files at once)."""
     found = builder(name, data_dir, skip_bad_images)
+    if found.is_prepared() and manual_dir and isinstance(found, ManualIqaBuilder):
+        stale = found.stale_reason(manual_dir)
+        if stale:
+            raise DatasetError(f"{found.info.full_name}: {stale}")
     if not found.is_prepared():
         if process_count > 1:
             raise DatasetError(f"{found.info.full_name} is not prepared under {found.data_dir}: prepare it "

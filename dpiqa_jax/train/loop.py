@@ -41,7 +41,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     require_choice(config, "eval.latents", LATENTS)
     require_choice(config, "model.dtype", ("float32", "bfloat16"))
     require_choice(config, "optim.schedule", ("step", "cosine"))
-    for key in ("model.sd_dir", "model.embeddings", "dataset.manual_dir"):
+    for key in ("model.sd_dir", "model.embeddings", "model.init_from", "dataset.manual_dir"):
         require_existing(config, key)
 
 
@@ -73,13 +73,18 @@ class Task:
 
 
 def teacher_task(config: ml_collections.ConfigDict) -> Task:
-    model_cfg = teacher.teacher_config_from_dict(config.model.arch.to_dict())
-    embeddings = prompt_embeddings(config, model_cfg.embed_dim)
+    if config.model.init_from:  # fine-tuning: the checkpoint's architecture, weights and prompts
+        model_cfg, start, embeddings = teacher.load_teacher(config.model.init_from, config.model.embeddings)
+        init_params = lambda: start
+    else:
+        model_cfg = teacher.teacher_config_from_dict(config.model.arch.to_dict())
+        embeddings = prompt_embeddings(config, model_cfg.embed_dim)
 
-    def init_params():
-        # XLA's RngBitGenerator compiles in a fraction of threefry's time, which dominates compiling init.
-        return teacher.init_teacher_params(model_cfg, jax.random.key(config.seed, impl="unsafe_rbg"),
-                                           config.model.sd_dir)
+        def init_params():
+            # XLA's RngBitGenerator compiles in a fraction of threefry's time, which dominates
+            # compiling init.
+            return teacher.init_teacher_params(model_cfg, jax.random.key(config.seed, impl="unsafe_rbg"),
+                                               config.model.sd_dir)
 
     def compile_steps(tx, mesh, shardings):
         model = DPIQA(model_cfg, dtype=jnp.dtype(config.model.dtype), remat=config.model.remat)
