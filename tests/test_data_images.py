@@ -130,10 +130,25 @@ def _corrupt() -> bytes:
     return bytes(data)
 
 
+def _header_only() -> bytes:
+    data = encode(photo(64, 64, seed=7))
+    return data[:data.find(b"\xff\xda") + 14]  # up to the start of the scan: no pixel data
+
+
+def _other_format(fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(photo(16, 16, seed=1)).save(buffer, fmt)
+    return buffer.getvalue()
+
+
 @pytest.mark.parametrize("content,reason", [
+    (b"", "unknown or unsupported image format"),
     (b"this is not an image", "unknown or unsupported image format"),
     (_truncated(), "truncated"),
+    (_header_only(), "truncated"),
     (_corrupt(), "corrupt image data"),
+    (_other_format("TGA"), "unknown or unsupported image format (accepted: JPEG, PNG, BMP, GIF, TIFF, WEBP)"),
+    (_other_format("ICO"), "unknown or unsupported image format"),
 ])
 def test_bad_files_raise_one_line(content, reason, tmp_path):
     path = tmp_path / "bad.jpg"
@@ -142,6 +157,13 @@ def test_bad_files_raise_one_line(content, reason, tmp_path):
         load_image(str(path), 16)
     message = str(error.value)
     assert reason in message and str(path) in message and "\n" not in message
+
+
+def test_a_one_pixel_image_is_an_image():
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1), (10, 200, 30)).save(buffer, "PNG")
+    expected = np.full((4, 4, 3), [10, 200, 30], np.float32) / np.float32(255)
+    np.testing.assert_array_equal(load_image(buffer.getvalue(), 4), expected)
 
 
 def test_missing_file_and_pixel_cap(tmp_path):

@@ -14,6 +14,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dpiqa_jax.errors import UserError
 
+# The formats PIL may open: photos and the datasets' files (JPEG includes phones' MPO). Others
+# (TGA, ICO, EPS, which would start Ghostscript, ...) are refused as unsupported, which also keeps
+# PIL's rarer decoders away from untrusted files.
+FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP")
 MAX_PIXELS = 1 << 26  # 67 M: a 50-megapixel phone photo passes, a decompression bomb does not.
 DRAFT_MARGIN = 2  # JPEG draft decoding keeps every side >= 2x the target (see load_image).
 _ORIENTATION = 0x0112
@@ -44,8 +48,8 @@ def load_image(source: ImageSource, size: int = 512, *, name: Optional[str] = No
     0.5/255 and 6/255). Images under 4x the target (KonIQ, CLIVE, FLIVE) are decoded in full, so
     their result is unchanged. `draft=False` always decodes in full.
 
-    Raises ImageError for a missing, unknown-format, corrupt or truncated file, and for an image of
-    more than `max_pixels` pixels (checked from the header, before decoding).
+    Raises ImageError for a missing, corrupt or truncated file, a format not in FORMATS, and an
+    image of more than `max_pixels` pixels (checked from the header, before decoding).
     """
     name = name or (os.fspath(source) if not isinstance(source, bytes) else "<bytes>")
     image = _open(source, name)
@@ -68,11 +72,13 @@ def load_image(source: ImageSource, size: int = 512, *, name: Optional[str] = No
 
 def _open(source: ImageSource, name: str) -> Image.Image:
     try:
-        return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        Image.init()  # registers every plugin, so that FORMATS all resolve (idempotent)
+        return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=FORMATS)
     except FileNotFoundError:
         raise ImageError(f"{name}: no such file") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{name}: unknown or unsupported image format") from None
+        raise ImageError(f"{name}: unknown or unsupported image format (accepted: "
+                         f"{', '.join(FORMATS)})") from None
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name}: too many pixels ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
