@@ -2,10 +2,11 @@
 `dpiqa_jax/commands/<name>.py` with `register(subparsers)` that sets `run` on its parser."""
 import argparse
 import importlib
+import os
 import sys
 import traceback
 
-from dpiqa_jax.commands.train import joined_distributed, leave_now
+from dpiqa_jax.commands.train import joined_distributed
 from dpiqa_jax.errors import UserError
 
 COMMANDS = ("train", "evaluate", "distill", "export", "predict", "embed_prompts")
@@ -40,7 +41,9 @@ def run_as_command() -> None:
     barrier (which waits for the other processes, themselves waiting for this one)."""
     code = main()
     if code:
-        leave_now(code)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 

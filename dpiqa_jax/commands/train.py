@@ -4,7 +4,6 @@ Re-running the same command resumes from DIR/checkpoints/latest.
 """
 import argparse
 import json
-import os
 import sys
 
 from dpiqa_jax.errors import UserError
@@ -57,13 +56,6 @@ def initialize_distributed(args) -> None:
 
 def joined_distributed() -> bool:
     return _joined
-
-
-def leave_now(code: int) -> None:
-    """Exits with `code` at once, without the interpreter's teardown."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def collect_config_overrides(parser: argparse.ArgumentParser) -> None:
