@@ -91,7 +91,7 @@ def test_truncated_files_are_one_error_naming_the_file(suffix, tmp_path):
     readers += [torch_files.read_tensors, scorer.load] if suffix != ".npy" else []
     for reader in readers:
         with pytest.raises(UserError) as error:
-            reader(path if reader is not torch_files.read_tensors else str(path))
+            reader(str(path))
         assert str(error.value).startswith(f"{path}: ") and "\n" not in str(error.value), reader
 
 

@@ -87,9 +87,10 @@ def run(args) -> int:
             rows[label][dataset] = evaluate_one(args, checkpoint, dataset, manual.get(dataset), output)
     if jax.process_index() == 0:
         if several:
+            text = table(rows)
             with open(os.path.join(args.output, "table.md"), "w") as f:
-                f.write(table(rows))
-            print(table(rows))
+                f.write(text)
+            print(text)
         else:
             results = rows[label][dataset]
             print(json.dumps({k: results[k] for k in ("srcc", "plcc", "krcc", "rmse", "num_images")}))

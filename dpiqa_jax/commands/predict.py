@@ -103,8 +103,8 @@ def run(args):
     # A progress bar with images/s on a terminal only (disable=None), so that logs stay clean.
     with tqdm(total=len(paths), unit="img", disable=None, file=sys.stderr) as bar:
         for start in range(0, len(paths), args.batch_size):
-            good, images = [], []
-            for path in paths[start:start + args.batch_size]:
+            chunk, good, images = paths[start:start + args.batch_size], [], []
+            for path in chunk:
                 try:
                     images.append(load_image(path, scorer.image_size))
                     good.append(path)
@@ -116,7 +116,7 @@ def run(args):
                 rows += [{"path": p, "score": float(s)} for p, s in zip(good, scores, strict=True)]
                 if args.save_maps:
                     save_maps(args.save_maps, good, images, maps, scores)
-            bar.update(len(paths[start:start + args.batch_size]))
+            bar.update(len(chunk))
     if rows:
         write_results(rows, args.output)
     return 1 if failed else 0

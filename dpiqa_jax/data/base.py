@@ -121,18 +121,23 @@ class ManualIqaBuilder(IqaBuilder, skip_registration=True):
         if not rows:
             raise DatasetError(f"{self.name}: {label_file} lists no images")
         self._check_rows(rows, label_file)
-        paths = self._image_paths(rows, label_file)
+        rows, paths = self._readable(rows, self._image_paths(rows, label_file))
+        return self._splits_from_rows(rows, paths)
+
+    def _readable(self, rows: list[Row], paths: list[str]) -> tuple[list[Row], list[str]]:
+        """The rows and paths whose image decodes; the others fail the build, or with
+        `skip_bad_images` are left out, counted and recorded in the metadata."""
         bad = unreadable(paths)
-        if bad and not self.skip_bad_images:
+        if not bad:
+            return rows, paths
+        if not self.skip_bad_images:
             raise DatasetError(f"{self.name}: {len(bad)} of the {len(rows)} images cannot be read (the "
                                f"dataset.skip_bad_images switch leaves them out): {_name_some(bad.values())}")
-        if bad:
-            print(f"{self.name}: left out {len(bad)} unreadable images of {len(rows)}: "
-                  f"{_name_some(bad.values())}")
-            self.info.metadata[SKIPPED] = {rows[i].name: reason for i, reason in bad.items()}
-            keep = [i for i in range(len(rows)) if i not in bad]
-            rows, paths = [rows[i] for i in keep], [paths[i] for i in keep]
-        return self._splits_from_rows(rows, paths)
+        print(f"{self.name}: left out {len(bad)} unreadable images of {len(rows)}: "
+              f"{_name_some(bad.values())}")
+        self.info.metadata[SKIPPED] = {rows[i].name: reason for i, reason in bad.items()}
+        keep = [i for i in range(len(rows)) if i not in bad]
+        return [rows[i] for i in keep], [paths[i] for i in keep]
 
     def stale_reason(self, manual_dir: str) -> Optional[str]:
         """Why the prepared records do not hold what `manual_dir` has now (None: they do, or

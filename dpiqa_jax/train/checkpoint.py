@@ -68,8 +68,9 @@ class RunCheckpoints:
     def restore_latest(self, abstract_params, abstract_opt_state) -> tuple[Any, Any, dict]:
         """(params, opt_state, meta) of the latest step, placed as the abstract trees' shardings."""
         manager = self.managers[LATEST]
-        with naming_folder(os.path.join(manager.directory, str(manager.latest_step())), UNREADABLE):
-            restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+        step = manager.latest_step()
+        with naming_folder(os.path.join(manager.directory, str(step)), UNREADABLE):
+            restored = manager.restore(step, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(abstract_params),
                 opt_state=ocp.args.StandardRestore(abstract_opt_state), meta=ocp.args.JsonRestore()))
         return restored.params, restored.opt_state, restored.meta
