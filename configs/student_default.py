@@ -11,6 +11,9 @@ def add_student(config: ml_collections.ConfigDict, variant: str = "b7", fc_width
         "variant": variant, "map_channels": 8, "fc_width": fc_width, "stochastic_depth_prob": 0.2,
         # torchvision efficientnet_{variant} ImageNet weights (.pth or .safetensors); None = random init
         "imagenet": optional_path(),
+        # compute the teacher's maps of the train images once (WORKDIR/teacher_maps, float32,
+        # 128 KiB an image at 64x64x8) instead of in every step; needs model.latents='mean'
+        "cache_teacher": False,
     })
     config.loss.map_weight = 1.0  # MSE(student map, teacher map) beside MSE(score, target)
     # The teacher (architecture, weights, prompt matrix) comes from the --teacher checkpoint.

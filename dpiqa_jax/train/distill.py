@@ -3,6 +3,8 @@
 The loss is SPEC's: MSE(student score, target) + map_weight * MSE(student map, teacher map). The
 teacher (params and prompt matrix) is an input of the step, never saved with the student; the
 student's batch statistics ride in the state's `frozen` part, updated by the step, not by Adam.
+With `student.cache_teacher` the teacher's maps of the train images are computed once
+(`teacher_cache`) and ride in the batches as 'teacher_map'; the step then skips the teacher.
 """
 import functools
 
@@ -20,6 +22,7 @@ from dpiqa_jax.models.student import Student
 from dpiqa_jax.student_io import StudentSpec
 from dpiqa_jax.train import mesh as mesh_lib
 from dpiqa_jax.train import state as state_lib
+from dpiqa_jax.train import teacher_cache
 from dpiqa_jax.train.config_util import require_existing
 from dpiqa_jax.train.loop import Task
 from dpiqa_jax.train.state import TrainState
@@ -40,7 +43,10 @@ def distill_step(state: TrainState, batch: dict, inputs: dict, *, student: Stude
     rng = jax.random.fold_in(state.rng, state.step)
     latent_key, drop_key = jax.random.split(rng)
     images, target = batch["image"], batch["target"].astype(jnp.float32)
-    _, teacher_map = teacher_outputs(teacher_model, inputs, images, latent_key, latent_mode)
+    if "teacher_map" in batch:
+        teacher_map = batch["teacher_map"].astype(jnp.float32)
+    else:
+        _, teacher_map = teacher_outputs(teacher_model, inputs, images, latent_key, latent_mode)
 
     def loss_fn(params):
         (score, fmap), updates = student.apply(
@@ -58,6 +64,12 @@ def distill_step(state: TrainState, batch: dict, inputs: dict, *, student: Stude
                "is_finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
     state = state.replace(step=state.step + 1, params=params, frozen=dict(updates), opt_state=opt_state)
     return state, metrics
+
+
+def teacher_map_step(inputs: dict, batch: dict, *, teacher_model: DPIQA) -> dict:
+    """The teacher's maps of a (padded) batch with mean latents, for the cache."""
+    _, fmap = teacher_outputs(teacher_model, inputs, batch["image"], None, "mean")
+    return {"map": fmap, "index": batch["index"], "mask": batch["mask"]}
 
 
 def student_eval_step(variables, batch: dict, inputs, rng, *, student: Student) -> dict:
@@ -95,6 +107,9 @@ def student_task(config: ml_collections.ConfigDict, teacher_checkpoint: str) -> 
     """The loop's Task for distilling `config.student` from the teacher at `teacher_checkpoint`
     (a workdir, an orbax checkpoint folder or the authors' .pth; see `teacher.load_teacher`)."""
     require_existing(config, "student.imagenet")
+    if config.student.cache_teacher and config.model.latents != "mean":
+        raise UserError("config key 'student.cache_teacher' needs the teacher's maps to be fixed: set "
+                        "'model.latents' to 'mean' (or turn the cache off to draw latents every step)")
     teacher_cfg, teacher_params, embeddings = teacher.load_teacher(teacher_checkpoint,
                                                                    config.model.embeddings)
     spec = student_spec(config, teacher_cfg.image_size)
@@ -127,4 +142,17 @@ def student_task(config: ml_collections.ConfigDict, teacher_checkpoint: str) -> 
                          latent_mode=config.model.latents, map_weight=config.loss.map_weight)
         return (*steps, inputs)
 
-    return Task(STUDENT_FILE, spec.to_dict(), None, spec.image_size, shapes, init_params, compile_steps)
+    def cached_maps(data, workdir: str, inputs: dict):
+        """The train images' teacher maps, from the workdir's cache or one pass of the teacher."""
+        step = jax.jit(functools.partial(teacher_map_step, teacher_model=DPIQA(teacher_cfg, dtype=dtype)),
+                       in_shardings=(jax.tree.map(lambda x: x.sharding, inputs),
+                                     mesh_lib.batch_sharding(data.mesh)),
+                       out_shardings=mesh_lib.replicated(data.mesh))
+        identity = {"teacher": teacher_cache.params_digest(inputs), "dataset": data.name,
+                    "image_size": spec.image_size, "dtype": config.model.dtype}
+        compute = lambda: (mesh_lib.host_values(step(inputs, b)) for b in data.eval_batches("train"))
+        maps = teacher_cache.load_or_build(workdir, identity, data.train_indices, teacher_map[1:], compute)
+        return maps.join
+
+    return Task(STUDENT_FILE, spec.to_dict(), None, spec.image_size, shapes, init_params, compile_steps,
+                cached_maps if config.student.cache_teacher else None)

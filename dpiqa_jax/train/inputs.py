@@ -1,5 +1,5 @@
 """The run's data: the pipeline's host-local batches turned into global arrays on the mesh."""
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import jax
 import ml_collections
@@ -26,22 +26,24 @@ class IQAData:
         source = open_source(ds.name, process_count=jax.process_count(), skip_bad_images=ds.skip_bad_images,
                              **self.where)
         parts = resolve(ds.split, source.parts, source.name)
+        self.train_indices = parts["train"]
         self.num_train, self.num_eval = len(parts["train"]), len(parts["test"])
         self.steps_per_epoch = self.num_train // self.batch_size
 
-    def train_batches(self, start_step: int) -> Iterator[dict]:
-        """Global train batches from `start_step` on: the same sequence on any mesh, after any resume."""
+    def train_batches(self, start_step: int, join: Optional[Callable[[dict], dict]] = None) -> Iterator[dict]:
+        """Global train batches from `start_step` on: the same sequence on any mesh, after any resume.
+        `join` adds fields to each host-local batch (e.g. cached teacher maps)."""
         batches = pipeline.train_batches(self.name, self.split, batch_size=self.batch_size,
                                          image_size=self.image_size, seed=self.seed, start_step=start_step,
                                          **self.where)
         try:
             for batch in batches:
-                yield pipeline.to_global(batch, self.mesh, mesh_lib.BATCH_AXES)
+                yield pipeline.to_global(join(batch) if join else batch, self.mesh, mesh_lib.BATCH_AXES)
         finally:  # the loader's threads stop with the generator
             batches.close()
 
-    def eval_batches(self) -> Iterator[dict]:
-        """The test part, padded with a 'mask', as global arrays."""
-        batches = pipeline.eval_batches(self.name, self.split, batch_size=self.eval_batch_size,
+    def eval_batches(self, part: str = "test") -> Iterator[dict]:
+        """A part of the split (each image once, in order), padded with a 'mask', as global arrays."""
+        batches = pipeline.eval_batches(self.name, self.split, batch_size=self.eval_batch_size, part=part,
                                         image_size=self.image_size, **self.where)
         return (pipeline.to_global(batch, self.mesh, mesh_lib.BATCH_AXES) for batch in batches)

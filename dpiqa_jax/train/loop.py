@@ -70,6 +70,9 @@ class Task:
     init_params: Callable[[], Any]
     # (tx, mesh, state shardings) -> (train step, eval step, the steps' extra input placed on the mesh)
     compile_steps: Callable
+    # (data, workdir, the steps' extra input) -> a function that adds fields to each host-local train
+    # batch, or None; called once before training
+    batch_join: Optional[Callable] = None
 
 
 def teacher_task(config: ml_collections.ConfigDict) -> Task:
@@ -115,8 +118,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Op
     start, best = meta["data_position"], meta["best"]
 
     train_step, eval_step, step_inputs = task.compile_steps(tx, mesh, shardings)
+    join = task.batch_join(data, workdir, step_inputs) if task.batch_join and start < total_steps else None
     reporter = Reporter(workdir, total_steps, start, config.batch_size)
-    run = _Run(config, data, reporter, checkpoints, eval_step, step_inputs, best)
+    run = _Run(config, data, reporter, checkpoints, eval_step, step_inputs, best, join)
     failing = True  # until the end: closing must not hide the error that stops the run
     try:
         with preemption.PreemptionWatch() as watch:
@@ -157,15 +161,15 @@ def _layout(param_shapes, tx, mesh):
 class _Run:
     """The loop's moving parts; one object so that each piece of the loop is a short method."""
 
-    def __init__(self, config, data, reporter, checkpoints, eval_step, step_inputs, best):
+    def __init__(self, config, data, reporter, checkpoints, eval_step, step_inputs, best, join):
         self.config, self.data, self.reporter, self.checkpoints = config, data, reporter, checkpoints
-        self.eval_step, self.step_inputs, self.best = eval_step, step_inputs, best
+        self.eval_step, self.step_inputs, self.best, self.join = eval_step, step_inputs, best, join
         self.pending: list[tuple[int, dict]] = []
 
     def train(self, state, train_step, start: int, total: int, lr, steps_per_epoch: int,
               watch: preemption.PreemptionWatch):
         cfg = self.config
-        batches = self.data.train_batches(start) if start < total else None
+        batches = self.data.train_batches(start, self.join) if start < total else None
         final: Optional[dict] = None
         for step in range(start + 1, total + 1):
             state, step_metrics = train_step(state, next(batches), self.step_inputs)
