@@ -91,3 +91,16 @@ def test_params_digest_tells_teachers_apart():
     other = {"a": jnp.arange(6.0).reshape(2, 3), "b": {"c": jnp.ones(4).at[2].set(1.001)}}
     assert teacher_cache.params_digest(params) == teacher_cache.params_digest(same)
     assert teacher_cache.params_digest(params) != teacher_cache.params_digest(other)
+
+
+def test_the_cache_with_drawn_latents_is_a_config_error():
+    from train_helpers import REPO
+
+    from dpiqa_jax.errors import UserError
+    from dpiqa_jax.train.config_util import load_config
+    from dpiqa_jax.train.distill import student_task
+
+    config = load_config(str(REPO / "configs" / "student_demo.py"))
+    config.model.latents = "sample"
+    with pytest.raises(UserError, match="'student.cache_teacher' needs .* set 'model.latents' to 'mean'"):
+        student_task(config, "no/teacher/needed/to/see/this")
