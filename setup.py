@@ -32,8 +32,8 @@ setup(
     extras_require={
         # torch is only the parity oracle of the tests and the reader of the authors' .pth files.
         "torch": ["torch==2.14.1"],
-        "test": ["torch==2.14.1", "torchvision==0.29.1", "pytest", "pytest-xdist", "ruff", "nbclient", "nbformat",
-                 "ipykernel"],
+        "test": ["torch==2.14.1", "torchvision==0.29.1", "pytest", "pytest-xdist", "ruff",
+                 "nbclient", "nbformat", "ipykernel"],
     },
     entry_points={"console_scripts": ["dpiqa-jax=dpiqa_jax.cli:run_as_command"]},
 )
