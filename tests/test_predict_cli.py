@@ -245,3 +245,20 @@ def test_teacher_and_student_options_do_not_mix(student_files, authors_files):
                     latent="sample")
     with pytest.raises(UserError, match="not a student checkpoint"):
         scorer.load(authors_files[0] / "teacher.pth", student_spec=SPEC)
+
+
+def test_predict_paths_take_files_folders_recursively_and_globs(tmp_path, monkeypatch):
+    from dpiqa_jax.commands.predict import expand_paths
+    from dpiqa_jax.errors import UserError
+
+    for name in ("b.png", "a.JPG", "notes.txt", "sub/c.webp", "sub/deeper/d.bmp", "other/e.png", "other/f.jpg"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    # a folder: its images at any depth (not the text file), sorted; a file as given; a glob
+    assert expand_paths(["sub", "b.png"]) == ["sub/c.webp", "sub/deeper/d.bmp", "b.png"]
+    assert expand_paths(["."]) == ["./a.JPG", "./b.png", "./other/e.png", "./other/f.jpg", "./sub/c.webp",
+                                   "./sub/deeper/d.bmp"]
+    assert expand_paths(["other/*.png", "**/d.bmp"]) == ["other/e.png", "sub/deeper/d.bmp"]
+    with pytest.raises(UserError, match="missing/\\*.png: no such file, folder or matching glob"):
+        expand_paths(["missing/*.png"])
