@@ -251,7 +251,8 @@ def test_predict_paths_take_files_folders_recursively_and_globs(tmp_path, monkey
     from dpiqa_jax.commands.predict import expand_paths
     from dpiqa_jax.errors import UserError
 
-    for name in ("b.png", "a.JPG", "notes.txt", "sub/c.webp", "sub/deeper/d.bmp", "other/e.png", "other/f.jpg"):
+    names = ("b.png", "a.JPG", "notes.txt", "sub/c.webp", "sub/deeper/d.bmp", "other/e.png", "other/f.jpg")
+    for name in names:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
     monkeypatch.chdir(tmp_path)
