@@ -117,12 +117,13 @@ def write_model_files(workdir: str, model_file: str, model_dict: dict, embedding
     if jax.process_index() != 0:
         return
     os.makedirs(workdir, exist_ok=True)
-    _atomic_write(path, lambda f: f.write(json.dumps(model_dict, indent=2).encode()))
+    atomic_write(path, lambda f: f.write(json.dumps(model_dict, indent=2).encode()))
     if embeddings is not None:
-        _atomic_write(os.path.join(workdir, EMBEDDINGS_FILE), lambda f: np.save(f, np.asarray(embeddings)))
+        atomic_write(os.path.join(workdir, EMBEDDINGS_FILE), lambda f: np.save(f, np.asarray(embeddings)))
 
 
-def _atomic_write(path: str, write) -> None:
+def atomic_write(path: str, write) -> None:
+    """`write(binary file)` into a temporary file renamed to `path`: `path` never holds a partial file."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         write(f)

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpiqa_jax.train.checkpoint import atomic_write
+
 FOLDER = "teacher_maps"
 
 
@@ -49,11 +51,15 @@ def load_or_build(workdir: str, identity: dict, indices: np.ndarray, map_shape: 
     indices = np.sort(np.asarray(indices, np.int64))
     identity = {**identity, "examples": hashlib.sha256(indices.tobytes()).hexdigest(),
                 "map_shape": list(map_shape)}
-    folder = os.path.join(workdir, FOLDER)
-    base = os.path.join(folder, f"process_{jax.process_index()}")
-    if _read_identity(base + ".json") == identity:
-        return TeacherMaps(indices, np.load(base + ".npy", mmap_mode="r"))
-    os.makedirs(folder, exist_ok=True)
+    base = os.path.join(workdir, FOLDER, f"process_{jax.process_index()}")
+    if _read_identity(base + ".json") != identity:
+        _build(base, identity, indices, map_shape, compute)
+    return TeacherMaps(indices, np.load(base + ".npy", mmap_mode="r"))
+
+
+def _build(base: str, identity: dict, indices: np.ndarray, map_shape: tuple, compute) -> None:
+    """Writes `base`.npy from `compute()`, then `base`.json (the mark of a complete file)."""
+    os.makedirs(os.path.dirname(base), exist_ok=True)
     if os.path.exists(base + ".json"):
         os.remove(base + ".json")  # the maps below are about to change
     maps = np.lib.format.open_memmap(base + ".npy", mode="w+", dtype=np.float32,
@@ -67,8 +73,7 @@ def load_or_build(workdir: str, identity: dict, indices: np.ndarray, map_shape: 
     if not filled.all():
         raise RuntimeError(f"the teacher map pass missed {int((~filled).sum())} train examples")
     maps.flush()
-    _write_identity(base + ".json", identity)
-    return TeacherMaps(indices, np.load(base + ".npy", mmap_mode="r"))
+    atomic_write(base + ".json", lambda f: f.write(json.dumps(identity, indent=1).encode()))
 
 
 def _read_identity(path: str):
@@ -78,8 +83,3 @@ def _read_identity(path: str):
     except (OSError, ValueError):
         return None
 
-
-def _write_identity(path: str, identity: dict) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(identity, f, indent=1)
-    os.replace(path + ".tmp", path)  # atomic: the file exists only once the maps are complete
