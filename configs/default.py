@@ -53,6 +53,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
         # recompute the U-Net's layers in the backward pass: with fsdp, what fits 16 GB chips
         "remat": False,
         "latents": "sample",  # 'sample' the VAE posterior as the authors, or take its 'mean'
+        # one pass of the frozen VAE over the train images stores each posterior (mean and std) in
+        # the workdir (the draw is still made in the step): no VAE forward pass in the train step
+        "cache_posteriors": False,
     })
 
     config.optim = ml_collections.ConfigDict({

@@ -66,9 +66,10 @@ def test_distill_smoke_run_then_predict_and_export_its_workdir(smoke_run, train_
 def check_teacher_cache(workdir, teacher, train_root):
     """student_demo caches the teacher's maps: one row per train image, equal to the teacher's own
     mean-latent maps of that image, with the record of what made them."""
-    maps = np.load(workdir / "teacher_maps" / "process_0.npy")
+    maps = np.load(workdir / "teacher_maps" / "process_0.teacher_map.npy")
     identity = json.loads((workdir / "teacher_maps" / "process_0.json").read_text())
-    assert identity["dataset"] == "synthetic_iqa/tiny" and identity["map_shape"] == list(maps.shape[1:])
+    assert identity["dataset"] == "synthetic_iqa/tiny"
+    assert identity["shapes"] == {"teacher_map": list(maps.shape[1:])}
     scorer = dpiqa_jax.load(str(teacher))
     batches = eval_batches("synthetic_iqa/tiny", "official", batch_size=len(maps), part="train",
                            image_size=scorer.image_size, data_dir=str(train_root / "tfds"))

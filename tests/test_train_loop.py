@@ -203,6 +203,30 @@ def test_init_from_starts_training_from_the_checkpoint(smoke_run):
     np.testing.assert_array_equal(task.embeddings, embeddings)
 
 
+def test_the_posterior_cache_holds_the_vaes_posteriors_of_the_train_images(smoke_run, train_root):
+    """demo.py caches the frozen VAE's posteriors: one row per train image, in index order, equal to
+    the VAE's own, with the record of what made them."""
+    import jax
+
+    from dpiqa_jax.data.pipeline import eval_batches
+    from dpiqa_jax.models.dpiqa import DPIQA
+    from dpiqa_jax.train.step import POSTERIOR
+
+    folder = smoke_run / "vae_posteriors"
+    cached = [np.load(folder / f"process_0.{name}.npy") for name in POSTERIOR]
+    identity = json.loads((folder / "process_0.json").read_text())
+    assert identity["dataset"] == "synthetic_iqa/tiny" and identity["dtype"] == "float32"
+    cfg, params, _ = restore_teacher(str(smoke_run))
+    batch = next(iter(eval_batches("synthetic_iqa/tiny", "official", batch_size=len(cached[0]), part="train",
+                                   image_size=cfg.image_size, data_dir=str(train_root / "tfds"))))
+    assert batch["mask"].all() and list(batch["index"]) == sorted(batch["index"])
+    encode = jax.jit(lambda p, x: DPIQA(cfg).apply({"params": p}, x, method="encode"))
+    expected = encode(params, batch["image"])
+    for got, want in zip(cached, expected, strict=True):
+        # float32, another batch size (24 here, 32 in the pass)
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max() and np.std(want) > 0
+
+
 def test_restore_teacher_from_a_workdir_or_a_checkpoint_folder(smoke_run):
     cfg, params, embeddings = restore_teacher(str(smoke_run))
     from dpiqa_jax.teacher import teacher_config_from_dict

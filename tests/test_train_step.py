@@ -13,6 +13,7 @@ from train_fakes import FakeStudent, FakeTeacher, adam, fake_batch, fake_params
 from dpiqa_jax.train import mesh as mesh_lib
 from dpiqa_jax.train import schedule
 from dpiqa_jax.train import state as state_lib
+from dpiqa_jax.train import step as step_lib
 from dpiqa_jax.train.distill import distill_step
 from dpiqa_jax.train.step import compile_eval_step, compile_train_step, ranking_loss
 
@@ -90,6 +91,23 @@ def test_latent_draws_depend_on_the_step_number_only(mode, differ):
     at_5 = loss(state.replace(step=state.step + 5))
     assert at_0 == again_0  # a resumed run at step k draws what the uninterrupted one drew
     assert (at_0 != at_5) == differ
+
+
+@pytest.mark.parametrize("mode", ["sample", "mean"])
+def test_cached_posteriors_give_the_step_of_the_vae_itself(mode):
+    """The cache's fast path: posteriors computed once by `posterior_step` (stored as float32) and
+    carried by the batch give the same step as the VAE run inside it; other posteriors in the
+    batch would change it, so the step does use the batch's."""
+    state, step, embeddings = make(latent_mode=mode)
+    batch = fake_batch()
+    out = jax.jit(functools.partial(step_lib.posterior_step, model=FakeTeacher()))(
+        state.full_params(), batch | {"mask": np.ones(16, np.float32)})
+    cached = batch | {key: np.asarray(out[key], np.float32) for key in step_lib.POSTERIOR}
+    plain_state, plain = step(copy(state), batch, embeddings)
+    cached_state, got = step(copy(state), cached, embeddings)
+    jax.tree.map(np.testing.assert_array_equal, (cached_state, got), (plain_state, plain))
+    shifted = cached | {"posterior_mean": cached["posterior_mean"] + 1}
+    assert float(step(copy(state), shifted, embeddings)[1]["loss"]) != float(plain["loss"])
 
 
 def test_eval_step_scores_with_the_posterior_mean_and_keeps_the_mask():

@@ -4,7 +4,7 @@ The loss is SPEC's: MSE(student score, target) + map_weight * MSE(student map, t
 teacher (params and prompt matrix) is an input of the step, never saved with the student; the
 student's batch statistics ride in the state's `frozen` part, updated by the step, not by Adam.
 With `student.cache_teacher` the teacher's maps of the train images are computed once
-(`teacher_cache`) and ride in the batches as 'teacher_map'; the step then skips the teacher.
+(`example_cache`) and ride in the batches as 'teacher_map'; the step then skips the teacher.
 """
 import functools
 
@@ -20,9 +20,9 @@ from dpiqa_jax.errors import UserError
 from dpiqa_jax.models.dpiqa import DPIQA
 from dpiqa_jax.models.student import Student
 from dpiqa_jax.student_io import StudentSpec
+from dpiqa_jax.train import example_cache
 from dpiqa_jax.train import mesh as mesh_lib
 from dpiqa_jax.train import state as state_lib
-from dpiqa_jax.train import teacher_cache
 from dpiqa_jax.train.config_util import require_existing
 from dpiqa_jax.train.loop import Task
 from dpiqa_jax.train.state import TrainState
@@ -32,7 +32,7 @@ from dpiqa_jax.train.step import latents
 def teacher_outputs(teacher_model: DPIQA, inputs: dict, images, rng, latent_mode: str):
     """The frozen teacher's (score, map) of a batch, as constants of the student's loss."""
     params = inputs["teacher"]
-    z = latents(teacher_model, params, images, rng, latent_mode)
+    z = latents(teacher_model, params, {"image": images}, rng, latent_mode)
     score, fmap = teacher_model.apply({"params": params}, images, z, inputs["embeddings"],
                                       method="from_latents")
     return jax.lax.stop_gradient(score.astype(jnp.float32)), jax.lax.stop_gradient(fmap.astype(jnp.float32))
@@ -69,7 +69,7 @@ def distill_step(state: TrainState, batch: dict, inputs: dict, *, student: Stude
 def teacher_map_step(inputs: dict, batch: dict, *, teacher_model: DPIQA) -> dict:
     """The teacher's maps of a (padded) batch with mean latents, for the cache."""
     _, fmap = teacher_outputs(teacher_model, inputs, batch["image"], None, "mean")
-    return {"map": fmap, "index": batch["index"], "mask": batch["mask"]}
+    return {"teacher_map": fmap, "index": batch["index"], "mask": batch["mask"]}
 
 
 def student_eval_step(variables, batch: dict, inputs, rng, *, student: Student) -> dict:
@@ -142,17 +142,12 @@ def student_task(config: ml_collections.ConfigDict, teacher_checkpoint: str) -> 
                          latent_mode=config.model.latents, map_weight=config.loss.map_weight)
         return (*steps, inputs)
 
-    def cached_maps(data, workdir: str, inputs: dict):
+    def cached_maps(data, workdir: str, _state, inputs: dict):
         """The train images' teacher maps, from the workdir's cache or one pass of the teacher."""
-        step = jax.jit(functools.partial(teacher_map_step, teacher_model=DPIQA(teacher_cfg, dtype=dtype)),
-                       in_shardings=(jax.tree.map(lambda x: x.sharding, inputs),
-                                     mesh_lib.batch_sharding(data.mesh)),
-                       out_shardings=mesh_lib.replicated(data.mesh))
-        identity = {"teacher": teacher_cache.params_digest(inputs), "dataset": data.name,
-                    "image_size": spec.image_size, "dtype": config.model.dtype}
-        compute = lambda: (mesh_lib.host_values(step(inputs, b)) for b in data.eval_batches("train"))
-        maps = teacher_cache.load_or_build(workdir, identity, data.train_indices, teacher_map[1:], compute)
-        return maps.join
+        step = functools.partial(teacher_map_step, teacher_model=DPIQA(teacher_cfg, dtype=dtype))
+        identity = {"teacher": example_cache.params_digest(inputs), "dtype": config.model.dtype}
+        return example_cache.join_from_pass(workdir, "teacher_maps", data, step, inputs,
+                                            {"teacher_map": teacher_map[1:]}, identity)
 
     return Task(STUDENT_FILE, spec.to_dict(), None, spec.image_size, shapes, init_params, compile_steps,
                 cached_maps if config.student.cache_teacher else None)

@@ -7,6 +7,7 @@ evaluations by SRCC and PLCC are kept as checkpoints, the latest state every `ch
 and at a SIGTERM (see `preemption`), after which the run stops with `Preempted`.
 """
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Optional
 
@@ -20,12 +21,12 @@ from dpiqa_jax.checkpoints import MODEL_FILE, with_shardings
 from dpiqa_jax.errors import UserError
 from dpiqa_jax.models.dpiqa import DPIQA
 from dpiqa_jax.train import checkpoint as ckpt_lib
-from dpiqa_jax.train import evaluator, inputs, metrics, preemption, schedule
+from dpiqa_jax.train import evaluator, example_cache, inputs, metrics, preemption, schedule
 from dpiqa_jax.train import mesh as mesh_lib
 from dpiqa_jax.train import state as state_lib
 from dpiqa_jax.train.config_util import require_choice, require_existing
 from dpiqa_jax.train.report import Reporter
-from dpiqa_jax.train.step import LATENTS, compile_eval_step, compile_train_step
+from dpiqa_jax.train.step import LATENTS, POSTERIOR, compile_eval_step, compile_train_step, posterior_step
 
 BEST = {"best_srcc": "srcc", "best_plcc": "plcc"}
 EVAL_SEED = 0x5EED  # eval draws ('sample' latents) use fold_in(PRNGKey(seed), EVAL_SEED), then the batch
@@ -70,8 +71,8 @@ class Task:
     init_params: Callable[[], Any]
     # (tx, mesh, state shardings) -> (train step, eval step, the steps' extra input placed on the mesh)
     compile_steps: Callable
-    # (data, workdir, the steps' extra input) -> a function that adds fields to each host-local train
-    # batch, or None; called once before training
+    # (data, workdir, state, the steps' extra input) -> a function that adds fields to each host-local
+    # train batch (cached outputs of frozen parts), or None; called once before training
     batch_join: Optional[Callable] = None
 
 
@@ -89,15 +90,26 @@ def teacher_task(config: ml_collections.ConfigDict) -> Task:
             return teacher.init_teacher_params(model_cfg, jax.random.key(config.seed, impl="unsafe_rbg"),
                                                config.model.sd_dir)
 
+    model = DPIQA(model_cfg, dtype=jnp.dtype(config.model.dtype), remat=config.model.remat)
+
     def compile_steps(tx, mesh, shardings):
-        model = DPIQA(model_cfg, dtype=jnp.dtype(config.model.dtype), remat=config.model.remat)
         train_step = compile_train_step(model, tx, mesh, shardings, latent_mode=config.model.latents,
                                         rank_weight=config.loss.rank_weight)
         eval_step = compile_eval_step(model, mesh, shardings.full_params(), latent_mode=config.eval.latents)
         return train_step, eval_step, state_lib.place(embeddings, mesh_lib.replicated(mesh))
 
+    def cached_posteriors(data, workdir: str, state, _embeddings):
+        """The train images' VAE posteriors, from the workdir's cache or one pass of the frozen VAE."""
+        side = model_cfg.latent_size
+        shapes = dict.fromkeys(POSTERIOR, (side, side, model_cfg.vae.latent_channels))
+        identity = {"vae": example_cache.params_digest(state.frozen), "dtype": config.model.dtype}
+        return example_cache.join_from_pass(workdir, "vae_posteriors", data,
+                                            functools.partial(posterior_step, model=model),
+                                            state.full_params(), shapes, identity)
+
     return Task(MODEL_FILE, teacher.teacher_config_to_dict(model_cfg), embeddings, model_cfg.image_size,
-                teacher.param_shapes(model_cfg), init_params, compile_steps)
+                teacher.param_shapes(model_cfg), init_params, compile_steps,
+                cached_posteriors if config.model.cache_posteriors else None)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Optional[Task] = None) -> dict:
@@ -118,7 +130,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Op
     start, best = meta["data_position"], meta["best"]
 
     train_step, eval_step, step_inputs = task.compile_steps(tx, mesh, shardings)
-    join = task.batch_join(data, workdir, step_inputs) if task.batch_join and start < total_steps else None
+    join = None
+    if task.batch_join and start < total_steps:
+        join = task.batch_join(data, workdir, state, step_inputs)
     reporter = Reporter(workdir, total_steps, start, config.batch_size)
     run = _Run(config, data, reporter, checkpoints, eval_step, step_inputs, best, join)
     failing = True  # until the end: closing must not hide the error that stops the run

@@ -1,8 +1,9 @@
 """The teacher's train and eval steps: pure functions, jitted once with explicit shardings.
 
 `train_step(state, batch, embeddings)` -> (state, metrics). The VAE posterior is computed outside
-the differentiated function (the VAE is frozen); latents are the posterior draw of the authors
-('sample', with a key folded from the step number, so a resumed run draws the same) or its mean.
+the differentiated function (the VAE is frozen), or comes cached in the batch (`POSTERIOR` keys,
+`model.cache_posteriors`); latents are the posterior draw of the authors ('sample', with a key
+folded from the step number, so a resumed run draws the same) or its mean.
 """
 import functools
 
@@ -17,6 +18,7 @@ from dpiqa_jax.train import mesh as mesh_lib
 from dpiqa_jax.train.state import TrainState
 
 LATENTS = ("sample", "mean")
+POSTERIOR = ("posterior_mean", "posterior_std")  # batch keys of cached VAE posteriors
 
 
 def ranking_loss(pred: jax.Array, target: jax.Array) -> jax.Array:
@@ -30,8 +32,21 @@ def ranking_loss(pred: jax.Array, target: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(upper, hinge, 0.0)) / (n * (n - 1) / 2)
 
 
-def latents(model: DPIQA, params, images, rng, mode: str) -> jax.Array:
-    mean, std = model.apply({"params": params}, images, method="encode")
+def posterior(model: DPIQA, params, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """The VAE posterior (mean, std) of the batch's images: cached in the batch, else computed."""
+    if POSTERIOR[0] in batch:  # stored as float32; the VAE's own outputs are in the compute dtype
+        return tuple(batch[key].astype(model.dtype) for key in POSTERIOR)
+    return model.apply({"params": params}, batch["image"], method="encode")
+
+
+def posterior_step(params, batch: dict, *, model: DPIQA) -> dict:
+    """The posteriors of a (padded) batch, for the cache."""
+    mean, std = posterior(model, params, {"image": batch["image"]})
+    return {POSTERIOR[0]: mean, POSTERIOR[1]: std, "index": batch["index"], "mask": batch["mask"]}
+
+
+def latents(model: DPIQA, params, batch: dict, rng, mode: str) -> jax.Array:
+    mean, std = posterior(model, params, batch)
     key = rng if mode == "sample" else None
     return jax.lax.stop_gradient(latents_from_posterior(mean, std, model.config.vae.scaling_factor, key))
 
@@ -40,7 +55,7 @@ def train_step(state: TrainState, batch: dict, embeddings: jax.Array, *, model: 
                tx: optax.GradientTransformation, latent_mode: str = "sample", rank_weight: float = 0.0):
     rng = jax.random.fold_in(state.rng, state.step)
     images, target = batch["image"], batch["target"].astype(jnp.float32)
-    z = latents(model, state.full_params(), images, rng, latent_mode)
+    z = latents(model, state.full_params(), batch, rng, latent_mode)
 
     def loss_fn(trainable):
         score, _ = model.apply({"params": state.full_params(trainable)}, images, z, embeddings,
@@ -62,7 +77,7 @@ def train_step(state: TrainState, batch: dict, embeddings: jax.Array, *, model: 
 def eval_step(params, batch: dict, embeddings: jax.Array, rng: jax.Array, *, model: DPIQA,
               latent_mode: str = "mean") -> dict:
     """Scores of a (padded) eval batch, returned with its targets, indices and mask."""
-    z = latents(model, params, batch["image"], rng, latent_mode)
+    z = latents(model, params, {"image": batch["image"]}, rng, latent_mode)
     score, _ = model.apply({"params": params}, batch["image"], z, embeddings, method="from_latents")
     return {"score": score.astype(jnp.float32), "target": batch["target"], "index": batch["index"],
             "mask": batch["mask"]}

@@ -1,5 +1,5 @@
-"""The distillation's teacher map cache: built once, reused only when the same teacher and examples
-made it, never used half-written, and joined to batches by example index."""
+"""The per-example cache (teacher maps, VAE posteriors): built once, reused only when the same
+model and examples made it, never used half-written, and joined to batches by example index."""
 import json
 
 import jax.numpy as jnp
@@ -7,14 +7,19 @@ import numpy as np
 import pytest
 
 from dpiqa_jax.data.pipeline import PAD
-from dpiqa_jax.train import teacher_cache
+from dpiqa_jax.train import example_cache
 
 INDICES = np.array([7, 3, 11, 5])  # a split's train indices, in no particular order
 SHAPE = (2, 2, 1)
+SHAPES = {"map": SHAPE, "std": (3,)}  # two arrays, as the VAE posterior's mean and std
 
 
-def fake_map(index):
-    return np.full(SHAPE, index, np.float32)
+def fake_map(index, shape=SHAPE):
+    return np.full(shape, index, np.float32)
+
+
+def build(tmp_path, identity, compute, indices=INDICES, shapes=SHAPES):
+    return example_cache.load_or_build(str(tmp_path), "maps", identity, indices, shapes, compute)
 
 
 def passes(calls):
@@ -23,20 +28,22 @@ def passes(calls):
         calls.append(1)
         for keys in ([7, 3, 11], [5, PAD, PAD]):
             keys = np.array(keys)
-            yield {"map": np.stack([fake_map(k) for k in keys]), "index": keys,
-                   "mask": (keys != PAD).astype(np.float32)}
+            yield {"map": np.stack([fake_map(k) for k in keys]),
+                   "std": np.stack([fake_map(-k, (3,)) for k in keys]),
+                   "index": keys, "mask": (keys != PAD).astype(np.float32)}
     return compute
 
 
 def test_built_once_then_reused_and_joined_by_index(tmp_path):
     calls = []
-    maps = teacher_cache.load_or_build(str(tmp_path), {"teacher": "a"}, INDICES, SHAPE, passes(calls))
-    again = teacher_cache.load_or_build(str(tmp_path), {"teacher": "a"}, INDICES, SHAPE, passes(calls))
+    maps = build(tmp_path, {"teacher": "a"}, passes(calls))
+    again = build(tmp_path, {"teacher": "a"}, passes(calls))
     assert len(calls) == 1
     batch = {"index": np.array([11, 5, 11]), "image": np.zeros(3)}
     for cache in (maps, again):
         joined = cache.join(batch)
-        np.testing.assert_array_equal(joined["teacher_map"], np.stack([fake_map(k) for k in (11, 5, 11)]))
+        np.testing.assert_array_equal(joined["map"], np.stack([fake_map(k) for k in (11, 5, 11)]))
+        np.testing.assert_array_equal(joined["std"], np.stack([fake_map(-k, (3,)) for k in (11, 5, 11)]))
         assert joined["image"] is batch["image"]
     with pytest.raises(RuntimeError, match="lacks"):
         maps.join({"index": np.array([3, 4])})
@@ -47,7 +54,7 @@ def test_built_once_then_reused_and_joined_by_index(tmp_path):
 @pytest.mark.parametrize("change", ["teacher", "examples", "shape"])
 def test_rebuilt_for_another_teacher_split_or_shape(tmp_path, change):
     calls = []
-    teacher_cache.load_or_build(str(tmp_path), {"teacher": "a"}, INDICES, SHAPE, passes(calls))
+    build(tmp_path, {"teacher": "a"}, passes(calls))
     identity, indices, shape = {"teacher": "a"}, INDICES, SHAPE
     if change == "teacher":
         identity = {"teacher": "b"}
@@ -60,8 +67,8 @@ def test_rebuilt_for_another_teacher_split_or_shape(tmp_path, change):
         for batch in passes(calls)():
             yield {**batch, "map": batch["map"].reshape(-1, *shape)}
 
-    maps = teacher_cache.load_or_build(str(tmp_path), identity, indices, shape, compute)
-    assert len(calls) == 2 and maps.maps.shape == (len(indices), *shape)
+    maps = build(tmp_path, identity, compute, indices, {**SHAPES, "map": shape})
+    assert len(calls) == 2 and maps.arrays["map"].shape == (len(indices), *shape)
 
 
 def test_a_build_that_did_not_finish_is_never_used(tmp_path):
@@ -70,27 +77,26 @@ def test_a_build_that_did_not_finish_is_never_used(tmp_path):
         raise KeyboardInterrupt  # stands in for a kill during the pass
 
     with pytest.raises(KeyboardInterrupt):
-        teacher_cache.load_or_build(str(tmp_path), {"teacher": "a"}, INDICES, SHAPE, killed)
-    assert (tmp_path / "teacher_maps" / "process_0.npy").exists()
-    assert not (tmp_path / "teacher_maps" / "process_0.json").exists()
+        build(tmp_path, {"teacher": "a"}, killed)
+    assert (tmp_path / "maps" / "process_0.map.npy").exists()
+    assert not (tmp_path / "maps" / "process_0.json").exists()
     calls = []
-    maps = teacher_cache.load_or_build(str(tmp_path), {"teacher": "a"}, INDICES, SHAPE, passes(calls))
-    assert len(calls) == 1 and maps.join({"index": np.array([3])})["teacher_map"][0, 0, 0, 0] == 3
-    assert json.loads((tmp_path / "teacher_maps" / "process_0.json").read_text())["teacher"] == "a"
+    maps = build(tmp_path, {"teacher": "a"}, passes(calls))
+    assert len(calls) == 1 and maps.join({"index": np.array([3])})["map"][0, 0, 0, 0] == 3
+    assert json.loads((tmp_path / "maps" / "process_0.json").read_text())["teacher"] == "a"
 
 
 def test_a_pass_that_misses_an_example_is_an_error(tmp_path):
-    with pytest.raises(RuntimeError, match="missed 1 train examples"):
-        teacher_cache.load_or_build(str(tmp_path), {"teacher": "a"}, np.append(INDICES, 40), SHAPE,
-                                    passes([]))
+    with pytest.raises(RuntimeError, match="missed 1 examples"):
+        build(tmp_path, {"teacher": "a"}, passes([]), np.append(INDICES, 40))
 
 
 def test_params_digest_tells_teachers_apart():
     params = {"a": jnp.arange(6.0).reshape(2, 3), "b": {"c": jnp.ones(4)}}
     same = {"a": jnp.arange(6.0).reshape(2, 3), "b": {"c": jnp.ones(4)}}
     other = {"a": jnp.arange(6.0).reshape(2, 3), "b": {"c": jnp.ones(4).at[2].set(1.001)}}
-    assert teacher_cache.params_digest(params) == teacher_cache.params_digest(same)
-    assert teacher_cache.params_digest(params) != teacher_cache.params_digest(other)
+    assert example_cache.params_digest(params) == example_cache.params_digest(same)
+    assert example_cache.params_digest(params) != example_cache.params_digest(other)
 
 
 def test_the_cache_with_drawn_latents_is_a_config_error():
