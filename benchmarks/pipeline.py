@@ -3,9 +3,11 @@
     python benchmarks/pipeline.py [--images 64] [--batches 12] [--batch-size 16]
 
 Writes generated photo-like JPEGs in KonIQ-10k's layout to a temporary folder, prepares them with
-the `koniq10k` builder, and times `train_batches` (tf.data, every core) after one warm-up batch,
-and `load_image` alone on one core. It prints images/s per core next to the rate one teacher
-training step consumes, and the goal: 16 host cores feed 3x the fastest step.
+the `koniq10k` builder, and times `train_batches` (its thread pool on every core) handed to the
+devices as training does (`to_global`), with float32 images and with uint8 images scaled on the
+device (what training uses), after one warm-up batch; and `load_image` alone on one core. It
+prints images/s per core next to the rate one teacher training step consumes, and the goal: 16
+host cores feed 3x the fastest step.
 """
 import argparse
 import csv
@@ -46,15 +48,19 @@ def write_koniq(root: Path, count: int) -> None:
             out.writerow([f"{i}.jpg", 1, 1, 1, 1, 1, 5, 50 + i % 40, 9, "training"])
 
 
-def time_pipeline(data_dir: str, batch_size: int, batches: int) -> float:
-    from dpiqa_jax.data.pipeline import train_batches
+def time_pipeline(data_dir: str, batch_size: int, batches: int, image_dtype: str) -> float:
+    import jax
 
+    from dpiqa_jax.data.pipeline import to_global, train_batches
+    from dpiqa_jax.train import mesh as mesh_lib
+
+    mesh = mesh_lib.make_mesh(1)
     stream = train_batches("koniq10k", "random", batch_size=batch_size, image_size=512, data_dir=data_dir,
-                           process_index=0, process_count=1)
-    next(stream)  # warm-up: tf.data start, autotuning
+                           process_index=0, process_count=1, image_dtype=image_dtype)
+    jax.block_until_ready(to_global(next(stream), mesh, mesh_lib.BATCH_AXES))  # warm-up: threads, compile
     start = time.perf_counter()
     for _ in range(batches):
-        next(stream)
+        jax.block_until_ready(to_global(next(stream), mesh, mesh_lib.BATCH_AXES))
     return batches * batch_size / (time.perf_counter() - start)
 
 
@@ -82,10 +88,13 @@ def main() -> None:
 
         prepare("koniq10k", data_dir=str(Path(tmp) / "tfds"), manual_dir=str(manual))
         single = time_load_image([photo_jpeg(i) for i in range(8)])
-        total = time_pipeline(str(Path(tmp) / "tfds"), args.batch_size, args.batches)
-    per_core = total / cores
+        rates = {dtype: time_pipeline(str(Path(tmp) / "tfds"), args.batch_size, args.batches, dtype)
+                 for dtype in ("float32", "uint8")}
     print(f"load_image alone, one core:       {single:7.1f} images/s")
-    print(f"train_batches on {cores} cores:         {total:7.1f} images/s = {per_core:.1f} per core")
+    for dtype, total in rates.items():
+        print(f"train_batches ({dtype:7}) on {cores} cores: {total:7.1f} images/s = "
+              f"{total / cores:.1f} per core")
+    per_core = rates["uint8"] / cores
     print(f"teacher training step consumes:   {AUTHORS_STEP:7.1f} images/s (authors, H200), "
           f"{OUR_STEP_GOAL:.0f} (our goal)")
     print(f"{HOST_CORES} cores at this rate feed:     {HOST_CORES * per_core:7.1f} images/s; goal "

@@ -11,7 +11,7 @@ import pytest
 from data_fixtures import encode, make_fake, photo, prepare_fake
 
 from dpiqa_jax.data import DatasetError, ImageError, load_image
-from dpiqa_jax.data.pipeline import eval_batches, train_batches
+from dpiqa_jax.data.pipeline import eval_batches, to_global, train_batches
 from dpiqa_jax.data.source import prepare
 from dpiqa_jax.data.splits import resolve
 
@@ -51,6 +51,28 @@ def test_batches_are_load_image_of_the_files(koniq):
     assert set(train) == {"image", "target", "index"}
     assert train["image"].dtype == np.float32 and train["target"].dtype == np.float32
     assert train["index"].dtype == np.int32
+
+
+def test_uint8_batches_become_the_float_batches_on_the_devices(koniq):
+    """The run's batches travel as uint8 and are scaled on the devices: the float32 batches to one
+    float32 step (every level 0-255 checked), with the batch sharding."""
+    import jax
+
+    from dpiqa_jax.train import mesh as mesh_lib
+
+    mesh = mesh_lib.make_mesh(1)
+    levels = {"image": np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, -1)}
+    expected = levels["image"].astype(np.float32) / np.float32(255)
+    np.testing.assert_array_max_ulp(to_global(levels, mesh, mesh_lib.BATCH_AXES)["image"], expected, maxulp=1)
+    for uint8, floats in ((_eval(koniq, image_dtype="uint8"), _eval(koniq)),
+                          (_train(koniq, n=2, image_dtype="uint8"), _train(koniq, n=2))):
+        for raw, batch in zip(uint8, floats, strict=True):
+            assert raw["image"].dtype == np.uint8 and raw["image"].nbytes * 4 == batch["image"].nbytes
+            on_devices = to_global(raw, mesh, mesh_lib.BATCH_AXES)
+            assert on_devices["image"].sharding.is_equivalent_to(mesh_lib.batch_sharding(mesh), 4)
+            got = jax.device_get(on_devices)
+            np.testing.assert_array_max_ulp(got.pop("image"), batch.pop("image"), maxulp=1)
+            jax.tree.map(np.testing.assert_array_equal, got, batch)
 
 
 def test_epochs_reshuffled_remainder_dropped(koniq):

@@ -31,8 +31,10 @@ class ImageError(UserError, ValueError):
 
 
 def load_image(source: ImageSource, size: int = 512, *, name: Optional[str] = None, draft: bool = True,
-               exif: bool = True, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+               exif: bool = True, max_pixels: int = MAX_PIXELS, dtype=np.float32) -> np.ndarray:
     """Read an image file (path or encoded bytes) as a float32 (size, size, 3) array in [0, 1].
+    `dtype=np.uint8` returns the levels 0-255 before the division by 255 instead (the input
+    pipeline ships those to the devices: a quarter of the bytes; see `pipeline.to_global`).
 
     Steps: decode the first frame (animations), apply the EXIF orientation (`exif=False` keeps the
     stored orientation, as the authors' PIL loading does), convert to RGB, resize to size x size
@@ -64,8 +66,8 @@ def load_image(source: ImageSource, size: int = 512, *, name: Optional[str] = No
             width, height = height, width
         rgb = _to_rgb(image, name)
         box = (0, 0, width / scale, height / scale) if scale > 1 else None
-        resized = rgb.resize((size, size), Image.Resampling.BILINEAR, box=box)
-        return np.asarray(resized, dtype=np.float32) / np.float32(255)
+        levels = np.asarray(rgb.resize((size, size), Image.Resampling.BILINEAR, box=box))
+        return levels if np.dtype(dtype) == np.uint8 else levels.astype(np.float32) / np.float32(255)
     finally:
         image.close()
 

@@ -58,7 +58,7 @@ def eval_order(indices: np.ndarray, batch_size: int) -> list[np.ndarray]:
 
 def _loader(source: Source, image_size: int, masked: bool, **image_options):
     """index -> {image, target, index[, mask]} by load_image; a PAD index gives a masked blank."""
-    blank = np.zeros((image_size, image_size, 3), np.float32)
+    blank = np.zeros((image_size, image_size, 3), image_options.get("dtype", np.float32))
 
     def load(index) -> dict:
         index = int(index)
@@ -175,23 +175,24 @@ def train_batches(name, split: Union[str, SplitSpec] = "random", *, batch_size: 
                   seed: int = 0, data_dir: Optional[str] = None, manual_dir: Optional[str] = None,
                   process_index: Optional[int] = None, process_count: Optional[int] = None,
                   start_step: int = 0, threads: Optional[int] = None, prefetch: int = 2, draft: bool = True,
-                  exif: bool = True) -> TrainBatches:
+                  exif: bool = True, image_dtype: str = "float32") -> TrainBatches:
     """Infinite host-local batches {'image': float32 (b, S, S, 3), 'target': float32 (b,), 'index':
     int32 (b,)} of the train part of `split` (splits.py), b = batch_size (global) / process_count;
     shuffled per epoch by `seed`, each epoch's remainder dropped; `start_step` resumes a run.
     Prepares the dataset first if needed (single process only). `threads` defaults to the cores
-    this process may use; `draft` and `exif` go to load_image."""
+    this process may use; `draft` and `exif` go to load_image. `image_dtype='uint8'` gives the
+    levels 0-255 instead, for `to_global` to divide on the devices."""
     source, parts, index, count = _setup(name, split, data_dir, manual_dir, process_index, process_count)
     return TrainBatches(source, parts["train"], batch_size=batch_size, image_size=image_size, seed=seed,
                         process_index=index, process_count=count, step=start_step, threads=threads,
-                        prefetch=prefetch, draft=draft, exif=exif)
+                        prefetch=prefetch, draft=draft, exif=exif, dtype=np.dtype(image_dtype))
 
 
 def eval_batches(name, split: Union[str, SplitSpec] = "random", *, batch_size: int, part: str = "test",
                  image_size: int = 512, data_dir: Optional[str] = None, manual_dir: Optional[str] = None,
                  process_index: Optional[int] = None, process_count: Optional[int] = None,
                  threads: Optional[int] = None, prefetch: int = 2, draft: bool = True,
-                 exif: bool = True) -> ParallelBatches:
+                 exif: bool = True, image_dtype: str = "float32") -> ParallelBatches:
     """Host-local batches of `part` of `split`, as train_batches plus 'mask' (1 for an image, 0 for
     padding): the last global batch is padded, so that over all processes and devices every image
     is scored exactly once. Every process gets the same number of batches."""
@@ -201,12 +202,27 @@ def eval_batches(name, split: Union[str, SplitSpec] = "random", *, batch_size: i
     local = _local_batch(batch_size, count)
     share = slice(index * local, (index + 1) * local)
     keys = [batch[share] for batch in eval_order(parts[part], batch_size)]
-    return ParallelBatches(keys, _loader(source, image_size, True, draft=draft, exif=exif), threads, prefetch)
+    load = _loader(source, image_size, True, draft=draft, exif=exif, dtype=np.dtype(image_dtype))
+    return ParallelBatches(keys, load, threads, prefetch)
 
 
 def to_global(batch: dict, mesh: Mesh, axis: Union[str, tuple[str, ...]] = "data") -> dict:
     """Host-local numpy batches -> jax global arrays whose batch dimension is sharded over `axis`
-    (a mesh axis name or a tuple of them, e.g. ('data', 'fsdp'))."""
+    (a mesh axis name or a tuple of them, e.g. ('data', 'fsdp')). uint8 images (`image_dtype`)
+    cross to the devices as bytes, a quarter of the host memory traffic and transfer, and are
+    scaled to [0, 1] there."""
     sharding = NamedSharding(mesh, PartitionSpec(axis))
-    return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
-            for key, value in batch.items()}
+    arrays = {key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+              for key, value in batch.items()}
+    if "image" in arrays and arrays["image"].dtype == np.uint8:
+        arrays["image"] = _unit_range(arrays["image"])
+    return arrays
+
+
+@jax.jit
+def _unit_range(levels: jax.Array) -> jax.Array:
+    # XLA turns a division by a constant into a multiplication by its reciprocal: half of the
+    # levels then land one float32 step (<= 6e-8) from load_image's level / 255. Written as that
+    # multiplication, it is the same on every backend; a table lookup would be exact but gathers
+    # 12 M elements a batch, which TPUs do slowly.
+    return levels.astype(np.float32) * np.float32(1 / 255)

@@ -49,7 +49,8 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, *, part: str = "test", sp
     predictions = []
     for name in parts[part]:
         batches = pipeline.eval_batches(dataset, split, batch_size=batch_size, part=name,
-                                        image_size=image_size, data_dir=data_dir, manual_dir=manual_dir)
+                                        image_size=image_size, data_dir=data_dir, manual_dir=manual_dir,
+                                        image_dtype="uint8")
         batches = (pipeline.to_global(b, mesh, mesh_lib.BATCH_AXES) for b in batches)
         key = jax.random.fold_in(jax.random.PRNGKey(seed), len(predictions))
         predictions.append(predict(step, params, batches, embeddings, key))

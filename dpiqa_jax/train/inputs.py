@@ -35,7 +35,7 @@ class IQAData:
         `join` adds fields to each host-local batch (e.g. cached teacher maps)."""
         batches = pipeline.train_batches(self.name, self.split, batch_size=self.batch_size,
                                          image_size=self.image_size, seed=self.seed, start_step=start_step,
-                                         **self.where)
+                                         image_dtype="uint8", **self.where)
         try:
             for batch in batches:
                 yield pipeline.to_global(join(batch) if join else batch, self.mesh, mesh_lib.BATCH_AXES)
@@ -45,5 +45,5 @@ class IQAData:
     def eval_batches(self, part: str = "test") -> Iterator[dict]:
         """A part of the split (each image once, in order), padded with a 'mask', as global arrays."""
         batches = pipeline.eval_batches(self.name, self.split, batch_size=self.eval_batch_size, part=part,
-                                        image_size=self.image_size, **self.where)
+                                        image_size=self.image_size, image_dtype="uint8", **self.where)
         return (pipeline.to_global(batch, self.mesh, mesh_lib.BATCH_AXES) for batch in batches)
