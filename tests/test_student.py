@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
-import torch.nn.functional as F
 import torchvision
 from oracle import nchw, nhwc, randomize_, rel_err, state_numpy
 from test_efficientnet import calibrate_batch_norms_, flax_variables, random_images
 from torch import nn
+from torch_reference import TorchStudent
 
 from dpiqa_jax.models.efficientnet import EfficientNet
 from dpiqa_jax.models.student import ConvTranspose2d, Student
@@ -21,31 +21,6 @@ from dpiqa_jax.weights.torch_names import WeightsError, to_state_dict
 TOL = 1e-4
 AUTHORS_KEYS = re.compile(r"base_model\.features\.\d+\..+|(conv_transpose|fc[123])\.(weight|bias)")
 TINY = {"variant": "b0", "fc_width": 16}  # 64-px images: 2x2 EfficientNet features, an 8x8 map
-
-
-class TorchStudent(nn.Module):
-    """SPEC.md's student: torchvision EfficientNet with its avgpool and classifier removed ->
-    ConvTranspose2d(C -> 8, 3, stride 2, padding 1, output padding 1) -> ReLU -> nearest resize to
-    map_size -> flatten (C, H, W) -> fc1 -> ReLU -> fc2 -> ReLU -> fc3."""
-
-    def __init__(self, variant: str = "b7", map_size: int = 64, fc_width: int = 512):
-        super().__init__()
-        self.base_model = getattr(torchvision.models, f"efficientnet_{variant}")(weights=None)
-        channels = self.base_model.classifier[1].in_features
-        self.base_model.avgpool, self.base_model.classifier = nn.Identity(), nn.Identity()
-        self.conv_transpose = nn.ConvTranspose2d(channels, 8, 3, stride=2, padding=1, output_padding=1)
-        self.fc1 = nn.Linear(8 * map_size * map_size, fc_width)
-        self.fc2 = nn.Linear(fc_width, fc_width)
-        self.fc3 = nn.Linear(fc_width, 1)
-        self.map_size = map_size
-
-    def forward(self, x):
-        side = self.map_size // 4  # the features' side; the headless model returns them flattened
-        features = self.base_model(x).view(x.shape[0], -1, side, side)
-        feature_map = F.interpolate(F.relu(self.conv_transpose(features)), size=(self.map_size,) * 2,
-                                    mode="nearest")
-        x = F.relu(self.fc2(F.relu(self.fc1(feature_map.flatten(1)))))
-        return self.fc3(x), feature_map
 
 
 @pytest.fixture(scope="module")

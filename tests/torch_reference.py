@@ -6,6 +6,7 @@ Widths are parameters so that tests can build tiny models.
 """
 import torch
 import torch.nn.functional as F
+import torchvision
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.models.adapter import FullAdapter
 from torch import nn
@@ -77,13 +78,14 @@ class TorchQFD(nn.Module):
 class TorchDPIQA(nn.Module):
     """The teacher: VAE latents -> U-Net with text and image adapters -> QFD on the up-block outputs."""
 
-    def __init__(self, vae: AutoencoderKL, unet: UNet2DConditionModel, qfd_kwargs: dict):
+    def __init__(self, vae: AutoencoderKL, unet: UNet2DConditionModel, qfd_kwargs: dict,
+                 adapter_res_blocks: int = 2):
         super().__init__()
         channels = list(unet.config.block_out_channels)
         dim = unet.config.cross_attention_dim
         self.vae = vae.requires_grad_(False)
         self.unet = unet
-        self.img_adapter = FullAdapter(in_channels=3, channels=channels, num_res_blocks=2,
+        self.img_adapter = FullAdapter(in_channels=3, channels=channels, num_res_blocks=adapter_res_blocks,
                                        downscale_factor=2 ** (len(vae.config.block_out_channels) - 1))
         self.text_adapter = TorchTextAdapter(dim)
         self.gamma = nn.Parameter(torch.full((dim,), GAMMA_INIT))
@@ -112,11 +114,38 @@ class TorchDPIQA(nn.Module):
         return self.QFD([u3, u2, u1, u0])
 
 
-def build_torch_dpiqa(unet_config: dict, vae_config: dict, qfd_kwargs: dict) -> TorchDPIQA:
+def build_torch_dpiqa(unet_config: dict, vae_config: dict, qfd_kwargs: dict,
+                      adapter_res_blocks: int = 2) -> TorchDPIQA:
     """A randomly initialised teacher. The QFD's map_size defaults to the U-Net's sample_size
-    (the latent side), else 64; `qfd_kwargs` may set it and any width of TorchQFD."""
+    (the latent side), else 64; `qfd_kwargs` may set it and any width of TorchQFD. The authors'
+    image adapter has 2 residual units per block; the demo's tiny teacher has 1."""
     unet = UNet2DConditionModel(**unet_config)
     vae = AutoencoderKL(**vae_config)
     sample_size = unet.config.sample_size
     kwargs = {"map_size": sample_size if isinstance(sample_size, int) else 64, **qfd_kwargs}
-    return TorchDPIQA(vae, unet, kwargs).eval()
+    return TorchDPIQA(vae, unet, kwargs, adapter_res_blocks).eval()
+
+
+class TorchStudent(nn.Module):
+    """SPEC.md's student: torchvision EfficientNet with its avgpool and classifier removed ->
+    ConvTranspose2d(C -> 8, 3, stride 2, padding 1, output padding 1) -> ReLU -> nearest resize to
+    map_size -> flatten (C, H, W) -> fc1 -> ReLU -> fc2 -> ReLU -> fc3."""
+
+    def __init__(self, variant: str = "b7", map_size: int = 64, fc_width: int = 512):
+        super().__init__()
+        self.base_model = getattr(torchvision.models, f"efficientnet_{variant}")(weights=None)
+        channels = self.base_model.classifier[1].in_features
+        self.base_model.avgpool, self.base_model.classifier = nn.Identity(), nn.Identity()
+        self.conv_transpose = nn.ConvTranspose2d(channels, 8, 3, stride=2, padding=1, output_padding=1)
+        self.fc1 = nn.Linear(8 * map_size * map_size, fc_width)
+        self.fc2 = nn.Linear(fc_width, fc_width)
+        self.fc3 = nn.Linear(fc_width, 1)
+        self.map_size = map_size
+
+    def forward(self, x):
+        side = self.map_size // 4  # the features' side; the headless model returns them flattened
+        features = self.base_model(x).view(x.shape[0], -1, side, side)
+        feature_map = F.interpolate(F.relu(self.conv_transpose(features)), size=(self.map_size,) * 2,
+                                    mode="nearest")
+        x = F.relu(self.fc2(F.relu(self.fc1(feature_map.flatten(1)))))
+        return self.fc3(x), feature_map
