@@ -271,6 +271,19 @@ def aot_compile(step, *example):
     return compiled, time.perf_counter() - start
 
 
+def measure_train_step(compiled, state, inputs: tuple, args) -> float:
+    """images/s of a compiled train step `compiled(state, *inputs) -> (state, metrics)` that donates
+    its state: each call takes the state the previous call returned."""
+    carry = [state]
+    del state  # donated to the first call
+
+    def once():
+        carry[0], metrics = compiled(carry[0], *inputs)
+        return carry[0], metrics
+
+    return measure(once, jax.block_until_ready, args)[0]
+
+
 def jax_result(images_per_s: float, compile_s: float, compiled) -> dict:
     """Our figures: the device's peak so far (None where JAX keeps no statistics, e.g. the CPU) and
     what XLA planned for the step alone (arguments + outputs - donated + temporaries)."""
@@ -326,15 +339,7 @@ def ours_teacher_train(setup: Setup, args) -> dict:
     train_step, _, embeddings = setup.task.compile_steps(tx, mesh, shardings)
     batch = place_batch(setup, mesh, extra=cached_posteriors(setup, state, mesh))
     compiled, compile_s = aot_compile(train_step, state, batch, embeddings)
-    carry = [state]
-    del state  # donated to the first step
-
-    def once():
-        carry[0], metrics = compiled(carry[0], batch, embeddings)
-        return carry[0], metrics
-
-    images_per_s, _ = measure(once, jax.block_until_ready, args)
-    return jax_result(images_per_s, compile_s, compiled)
+    return jax_result(measure_train_step(compiled, state, (batch, embeddings), args), compile_s, compiled)
 
 
 def ours_teacher_infer(setup: Setup, args) -> dict:
@@ -398,15 +403,7 @@ def ours_student_distill(setup: Setup, args) -> dict:
                                      latent_mode=config.model.latents, map_weight=config.loss.map_weight)
     batch = place_batch(setup, mesh)
     compiled, compile_s = aot_compile(train_step, state, batch, inputs)
-    carry = [state]
-    del state  # donated to the first step
-
-    def once():
-        carry[0], metrics = compiled(carry[0], batch, inputs)
-        return carry[0], metrics
-
-    images_per_s, _ = measure(once, jax.block_until_ready, args)
-    return jax_result(images_per_s, compile_s, compiled)
+    return jax_result(measure_train_step(compiled, state, (batch, inputs), args), compile_s, compiled)
 
 
 def ours_student_infer(setup: Setup, args) -> dict:
