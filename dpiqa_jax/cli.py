@@ -20,9 +20,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def use_compilation_cache() -> None:
+    """Keeps compiled programs across runs (JAX's persistent compilation cache), so that a rerun, a
+    resume or the next experiment with the same shapes skips most of the compile. The folder is
+    $JAX_COMPILATION_CACHE_DIR where set (JAX reads it itself), else ~/.cache/dpiqa_jax/xla
+    (under $XDG_CACHE_HOME where set)."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") is not None:
+        return
+    import jax
+
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    jax.config.update("jax_compilation_cache_dir", os.path.join(root, "dpiqa_jax", "xla"))
+
+
 def main(argv=None) -> int:
     """Runs one command in this process and returns its exit code (user errors: one line, 2)."""
     args = build_parser().parse_args(argv)
+    use_compilation_cache()
     try:
         return int(args.run(args) or 0)
     except (UserError, FileNotFoundError) as e:

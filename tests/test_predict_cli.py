@@ -21,7 +21,13 @@ from dpiqa_jax.student_io import student_apply, student_state_dict
 
 def dpiqa_jax(*args, cwd, env=None):
     return subprocess.run([sys.executable, "-m", "dpiqa_jax.cli", *map(str, args)], cwd=cwd,
-                          env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600)
+                          env=_environment(env), capture_output=True, text=True, timeout=600)
+
+
+def _environment(changes):
+    """os.environ with `changes` (a value of None removes the variable)."""
+    env = {**os.environ, **(changes or {})}
+    return {key: value for key, value in env.items() if value is not None}
 
 
 @pytest.fixture(scope="module")
@@ -98,10 +104,14 @@ def test_orbax_teacher_checkpoint_round_trips_through_predict(authors_files, tmp
     jax.tree_util.tree_map(np.testing.assert_array_equal, params2, params)
     np.testing.assert_array_equal(embeddings2, embeddings)
     out = tmp_path / "scores.csv"
-    result = dpiqa_jax("predict", "--checkpoint", tmp_path / "ours", "--output", out, *paths, cwd=tmp_path)
+    # No JAX_COMPILATION_CACHE_DIR: the command keeps its compiled programs under XDG_CACHE_HOME.
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "JAX_COMPILATION_CACHE_DIR": None}
+    result = dpiqa_jax("predict", "--checkpoint", tmp_path / "ours", "--output", out, *paths, cwd=tmp_path,
+                       env=env)
     assert result.returncode == 0, result.stderr
     scores = [float(line.split(",")[-1]) for line in out.read_text().splitlines()[1:]]
     assert rel_err(scores, expected) < 1e-4
+    assert any((tmp_path / "cache" / "dpiqa_jax" / "xla").iterdir())
 
 
 # --- students ----------------------------------------------------------------------------------
