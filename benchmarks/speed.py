@@ -48,6 +48,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from dpiqa_jax import teacher  # noqa: E402
+from dpiqa_jax.models.attention import IMPLEMENTATIONS  # noqa: E402
 from dpiqa_jax.models.dpiqa import DPIQA, TIMESTEP, TeacherConfig  # noqa: E402
 from dpiqa_jax.models.student import Student  # noqa: E402
 from dpiqa_jax.models.unet import UNetFeatures  # noqa: E402
@@ -83,6 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("bfloat16", "float32"),
                    help="our compute dtype, params stay float32 (default: the config's)")
     p.add_argument("--remat", action="store_true", help="rematerialise the U-Net's layers (model.remat)")
+    p.add_argument("--attention", choices=IMPLEMENTATIONS, default="auto",
+                   help="our U-Net's attention kernel (model.attention)")
     p.add_argument("--cache-posteriors", choices=("on", "off"),
                    help="the teacher step reads cached VAE posteriors (model.cache_posteriors; default: "
                         "the config's, off for SD-1.5, on for --tiny)")
@@ -147,6 +150,7 @@ def load_configs(args):
         config.model.sd_dir = config.model.embeddings = config.model.init_from = None  # random, no files
         config.model.dtype = args.dtype or config.model.dtype
         config.model.remat = args.remat
+        config.model.attention = args.attention
         if args.cache_posteriors:
             config.model.cache_posteriors = args.cache_posteriors == "on"
     configs[1].student.imagenet = None
@@ -306,7 +310,7 @@ def optimizer(config: ml_collections.ConfigDict):
 def layout(params, tx, mesh):
     """The trainer's state shardings (FSDP as configured) for `params`."""
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    return state_lib.state_shardings(mesh, state_lib.abstract_state(shapes, tx))
+    return state_lib.layout(shapes, tx, mesh)[1]
 
 
 def place_batch(setup: Setup, mesh, evaluation: bool = False, extra: Optional[dict] = None) -> dict:
@@ -369,7 +373,8 @@ def unet_step(params, opt_state, latents, context, *, unet: UNetFeatures, tx):
 
 def ours_unet(setup: Setup, args) -> dict:
     config = setup.teacher_config
-    unet = UNetFeatures(setup.teacher_cfg.unet, dtype=jnp.dtype(config.model.dtype), remat=config.model.remat)
+    unet = UNetFeatures(setup.teacher_cfg.unet, dtype=jnp.dtype(config.model.dtype), remat=config.model.remat,
+                        attention=config.model.attention)
     tx = optimizer(config)
     params = jax.device_put(setup.teacher_params["unet"])
     opt_state = jax.jit(tx.init)(params)
@@ -398,9 +403,11 @@ def ours_student_distill(setup: Setup, args) -> dict:
                        "embeddings": mesh_lib.replicated(mesh)}
     inputs = state_lib.place({"teacher": setup.teacher_params, "embeddings": setup.embeddings},
                              input_shardings)
-    teacher_model = DPIQA(setup.teacher_cfg, dtype=jnp.dtype(config.model.dtype))
-    train_step, _ = distill._compile(setup.student, teacher_model, tx, mesh, shardings, input_shardings,
-                                     latent_mode=config.model.latents, map_weight=config.loss.map_weight)
+    teacher_model = DPIQA(setup.teacher_cfg, dtype=jnp.dtype(config.model.dtype),
+                          attention=config.model.attention)
+    train_step, _ = distill.compile_distill_steps(setup.student, teacher_model, tx, mesh, shardings,
+                                                  input_shardings, latent_mode=config.model.latents,
+                                                  map_weight=config.loss.map_weight)
     batch = place_batch(setup, mesh)
     compiled, compile_s = aot_compile(train_step, state, batch, inputs)
     return jax_result(measure_train_step(compiled, state, (batch, inputs), args), compile_s, compiled)
@@ -663,7 +670,7 @@ def make_report(args, setup: Setup, jobs, ours: dict, baseline: dict, run: Optio
             "batch": args.batch, "image_size": setup.teacher_cfg.image_size, "dtype": {
                 "ours": setup.teacher_config.model.dtype, "ours_params": "float32",
                 "baseline": run and run.precision()},
-            "remat": args.remat, "steps": args.steps, "warmup": args.warmup,
+            "remat": args.remat, "attention": args.attention, "steps": args.steps, "warmup": args.warmup,
             "cached_posteriors": setup.teacher_config.model.cache_posteriors,
             "memory_goal": MEMORY_GOAL, "jobs": rows}
 

@@ -52,6 +52,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
         "dtype": "bfloat16",  # compute dtype; params and Adam state stay float32
         # recompute the U-Net's layers in the backward pass: with fsdp, what fits 16 GB chips
         "remat": False,
+        # the U-Net's attention kernel: 'auto' (cuDNN on GPUs in bfloat16, Pallas flash attention on
+        # TPUs, XLA elsewhere), or one of 'xla', 'cudnn', 'tpu_flash'
+        "attention": "auto",
         "latents": "sample",  # 'sample' the VAE posterior as the authors, or take its 'mean'
         # one pass of the frozen VAE over the train images stores each posterior (mean and std) in
         # the workdir (the draw is still made in the step): no VAE forward pass in the train step

@@ -1,9 +1,17 @@
-"""Multi-head attention with diffusers' `Attention` parameter names.
+"""Multi-head attention with diffusers' `Attention` parameter names, and its kernels.
 
 Keys and values may come from a context whose batch dimension is 1 (DP-IQA's prompt
 embeddings are the same for every image): they are then projected once and broadcast,
 instead of once per image.
+
+Kernels (`IMPLEMENTATIONS`, config key `model.attention`): 'xla' is `jax.nn.dot_product_attention`
+as XLA fuses it on any backend; 'cudnn' is cuDNN's fused flash attention (NVIDIA GPUs, float16 or
+bfloat16); 'tpu_flash' is the Pallas flash-attention kernel for TPUs, where the queries fill its
+blocks (XLA's elsewhere; keys are padded to its block and masked out, so any context length works).
+Only 'xla' holds the (T, S) probabilities of a whole sequence in memory. 'auto' picks cuDNN on a
+GPU in half precision (XLA wherever cuDNN turns a shape down), 'tpu_flash' on a TPU, XLA elsewhere.
 """
+import dataclasses
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -13,6 +21,53 @@ import jax.numpy as jnp
 from dpiqa_jax.models.layers import group_norm
 
 Dtype = Any
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "tpu_flash")
+TPU_BLOCK = 128  # the Pallas kernel's query and key block: queries must fill whole blocks
+HALF = (jnp.float16, jnp.bfloat16)
+
+
+def choose(implementation: str, platform: str, dtype, query_length: int) -> str:
+    """The kernel that `implementation` means for one call on `platform` ('cpu', 'gpu', 'tpu')."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r}; known: {IMPLEMENTATIONS}")
+    if implementation == "auto":
+        half = jnp.dtype(dtype) in HALF
+        implementation = {"gpu": "cudnn" if half else "xla", "tpu": "tpu_flash"}.get(platform, "xla")
+    if implementation == "tpu_flash" and query_length % TPU_BLOCK:
+        return "xla"  # short sequences (the U-Net's deeper levels) cost little either way
+    return implementation
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "auto") -> jax.Array:
+    """softmax(q k^T / sqrt(D)) v per head: q (B, T, H, D), k and v (B, S, H, D) -> (B, T, H, D)."""
+    kernel = choose(implementation, jax.default_backend(), q.dtype, q.shape[1])
+    if kernel == "tpu_flash":
+        return tpu_flash_attention(q, k, v)
+    if kernel == "cudnn" and implementation == "auto":
+        try:  # cuDNN checks shapes, head sizes and its version when traced
+            return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+        except (RuntimeError, NotImplementedError, ValueError):
+            kernel = "xla"
+    return jax.nn.dot_product_attention(q, k, v, implementation=None if kernel == "xla" else kernel)
+
+
+def tpu_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """The Pallas TPU kernel on (B, T, H, D) inputs, T a multiple of TPU_BLOCK. The keys are padded
+    to one with zeros that segment ids keep out of every query's softmax."""
+    from jax.experimental.pallas.ops.tpu import flash_attention as pallas
+
+    batch, length = q.shape[:2]
+    keys = k.shape[1]
+    pad = -keys % TPU_BLOCK
+    heads_first = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+    segments = pallas.SegmentIds(q=jnp.ones((batch, length), jnp.int32),
+                                 kv=jnp.broadcast_to(jnp.arange(keys + pad) < keys, (batch, keys + pad))
+                                 .astype(jnp.int32))
+    sizes = {f.name: TPU_BLOCK for f in dataclasses.fields(pallas.BlockSizes)}
+    blocks = pallas.BlockSizes(**sizes | {"block_b": 1})
+    out = pallas.flash_attention(q.transpose(0, 2, 1, 3), heads_first(k), heads_first(v),
+                                 segment_ids=segments, sm_scale=q.shape[-1] ** -0.5, block_sizes=blocks)
+    return out.transpose(0, 2, 1, 3)
 
 
 class Attention(nn.Module):
@@ -29,6 +84,7 @@ class Attention(nn.Module):
     norm_groups: Optional[int] = None
     norm_eps: float = 1e-6
     dtype: Dtype = jnp.float32
+    implementation: str = "auto"  # the kernel (IMPLEMENTATIONS)
 
     @nn.compact
     def __call__(self, x: jax.Array, context: Optional[jax.Array] = None) -> jax.Array:
@@ -48,7 +104,7 @@ class Attention(nn.Module):
             return jnp.broadcast_to(y, (batch,) + y.shape[1:])
 
         q, k, v = project("to_q", x), project("to_k", context), project("to_v", context)
-        out = jax.nn.dot_product_attention(q, k, v).reshape(batch, -1, inner)
+        out = attend(q, k, v, self.implementation).reshape(batch, -1, inner)
         out = nn.Dense(channels, dtype=self.dtype, name="to_out.0")(out)
         if self.norm_groups is not None:
             out = out.reshape(spatial_shape) + residual

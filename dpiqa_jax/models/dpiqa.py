@@ -43,11 +43,13 @@ class TeacherConfig:
 
 class DPIQA(nn.Module):
     """images (B, H, W, 3) in [0, 1] -> (score (B,), quality feature map (B, m, m, 8)).
-    `remat`: rematerialise the U-Net's layers in the backward pass (see `UNetFeatures`)."""
+    `remat`: rematerialise the U-Net's layers in the backward pass (see `UNetFeatures`);
+    `attention`: the U-Net's attention kernel (`attention.IMPLEMENTATIONS`)."""
 
     config: TeacherConfig = TeacherConfig()
     dtype: Any = jnp.float32
     remat: bool = False
+    attention: str = "auto"
 
     def setup(self):
         cfg = self.config
@@ -57,7 +59,7 @@ class DPIQA(nn.Module):
                                         downscale_factor=cfg.downscale, dtype=self.dtype)
         self.text_adapter = TextAdapter(cfg.embed_dim, dtype=self.dtype)
         self.gamma = self.param("gamma", nn.initializers.constant(1e-4), (cfg.embed_dim,))
-        self.unet = UNetFeatures(cfg.unet, dtype=self.dtype, remat=self.remat)
+        self.unet = UNetFeatures(cfg.unet, dtype=self.dtype, remat=self.remat, attention=self.attention)
         self.QFD = QualityFeatureDecoder(map_size=cfg.latent_size, dtype=self.dtype, **dict(cfg.decoder))
 
     def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:

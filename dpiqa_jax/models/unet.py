@@ -153,12 +153,14 @@ class TransformerBlock(nn.Module):
     heads: int
     dim_head: int
     dtype: Dtype = jnp.float32
+    attention: str = "auto"  # the kernel (attention.IMPLEMENTATIONS)
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         dim = x.shape[-1]
         norm = lambda name: layer_norm(1e-5, name, self.dtype)
-        attention = lambda name: Attention(self.heads, self.dim_head, dtype=self.dtype, name=name)
+        attention = lambda name: Attention(self.heads, self.dim_head, dtype=self.dtype,
+                                           implementation=self.attention, name=name)
         x = x + attention("attn1")(norm("norm1")(x))
         x = x + attention("attn2")(norm("norm2")(x), context)
         hidden = nn.Dense(2 * 4 * dim, dtype=self.dtype, name="ff.net.0.proj")(norm("norm3")(x))
@@ -175,6 +177,7 @@ class Transformer2D(nn.Module):
     groups: int
     linear_projection: bool = False
     dtype: Dtype = jnp.float32
+    attention: str = "auto"
 
     def _projection(self, features: int, name: str) -> nn.Module:
         # A 1x1 conv (SD-1) and a Linear (SD-2) compute the same map; they differ in parameter shape.
@@ -190,7 +193,8 @@ class Transformer2D(nn.Module):
         h = group_norm(self.groups, 1e-6, "norm", self.dtype)(x)
         h = self._projection(inner, "proj_in")(h).reshape(batch, height * width, inner)
         for k in range(self.layers):
-            h = TransformerBlock(self.heads, dim_head, self.dtype, name=f"transformer_blocks.{k}")(h, context)
+            h = TransformerBlock(self.heads, dim_head, self.dtype, self.attention,
+                                 name=f"transformer_blocks.{k}")(h, context)
         h = self._projection(channels, "proj_out")(h.reshape(batch, height, width, inner))
         return h + x
 
@@ -208,6 +212,7 @@ class _Block(nn.Module):
     index: int
     dtype: Dtype = jnp.float32
     remat: bool = False
+    attention: str = "auto"
 
     @property
     def channels(self) -> int:
@@ -219,7 +224,8 @@ class _Block(nn.Module):
         x = resnet(self.channels, cfg.norm_num_groups, cfg.norm_eps, self.dtype, name=f"resnets.{j}")(x, temb)
         if attention:
             x = transformer(cfg.heads()[i], cfg.transformer_layers()[i], cfg.norm_num_groups,
-                            cfg.use_linear_projection, self.dtype, name=f"attentions.{j}")(x, context)
+                            cfg.use_linear_projection, self.dtype, self.attention,
+                            name=f"attentions.{j}")(x, context)
         return x
 
 
@@ -285,11 +291,13 @@ class UNetFeatures(nn.Module):
     a batch-1 context is shared by every image; adapter_residuals: one NHWC tensor per down block
     (T2I-Adapter), or None for the plain U-Net. `remat` recomputes each resnet and transformer in
     the backward pass instead of storing its activations: less memory for a second forward pass.
+    `attention` picks the attention kernel (`attention.IMPLEMENTATIONS`).
     """
 
     config: UNetConfig = SD15
     dtype: Dtype = jnp.float32
     remat: bool = False
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, latents: jax.Array, timesteps, context: jax.Array,
@@ -305,15 +313,16 @@ class UNetFeatures(nn.Module):
         skips = [x]
         for i in range(n):
             residual = None if adapter_residuals is None else adapter_residuals[i]
-            block = DownBlock(cfg, i, self.dtype, self.remat, name=f"down_blocks.{i}")
+            block = DownBlock(cfg, i, self.dtype, self.remat, self.attention, name=f"down_blocks.{i}")
             x, block_skips = block(x, temb, context, residual)
             skips += block_skips
-        x = MidBlock(cfg, n - 1, self.dtype, self.remat, name="mid_block")(x, temb, context)
+        x = MidBlock(cfg, n - 1, self.dtype, self.remat, self.attention, name="mid_block")(x, temb, context)
         outputs = []
         per_block = cfg.layers_per_block + 1
         for i in range(n):
             skips, block_skips = skips[:-per_block], skips[-per_block:]
-            block = UpBlock(cfg, n - 1 - i, self.dtype, self.remat, up_index=i, name=f"up_blocks.{i}")
+            block = UpBlock(cfg, n - 1 - i, self.dtype, self.remat, self.attention, up_index=i,
+                            name=f"up_blocks.{i}")
             x = block(x, temb, context, block_skips)
             outputs.append(x)
         return outputs

@@ -91,9 +91,10 @@ class MidBlock(nn.Module):
         resnet = lambda i: ResnetBlock2D(channels, cfg.norm_num_groups, EPS, self.dtype, name=f"resnets.{i}")
         x = resnet(0)(x)
         if cfg.mid_block_add_attention:
-            # diffusers gives the VAE's attention one head spanning all channels.
+            # diffusers gives the VAE's attention one head spanning all channels: wider than the
+            # fused kernels' heads, and run once per image without a backward pass, so XLA's.
             x = Attention(heads=1, dim_head=channels, qkv_bias=True, norm_groups=cfg.norm_num_groups,
-                          norm_eps=EPS, dtype=self.dtype, name="attentions.0")(x)
+                          norm_eps=EPS, dtype=self.dtype, implementation="xla", name="attentions.0")(x)
         return resnet(1)(x)
 
 

@@ -26,13 +26,13 @@ from dpiqa_jax.train import state as state_lib
 from dpiqa_jax.train.config_util import require_existing
 from dpiqa_jax.train.loop import Task
 from dpiqa_jax.train.state import TrainState
-from dpiqa_jax.train.step import latents
+from dpiqa_jax.train.step import encode, latents
 
 
 def teacher_outputs(teacher_model: DPIQA, inputs: dict, images, rng, latent_mode: str):
     """The frozen teacher's (score, map) of a batch, as constants of the student's loss."""
     params = inputs["teacher"]
-    z = latents(teacher_model, params, {"image": images}, rng, latent_mode)
+    z = latents(teacher_model, *encode(teacher_model, params, images), rng, latent_mode)
     score, fmap = teacher_model.apply({"params": params}, images, z, inputs["embeddings"],
                                       method="from_latents")
     return jax.lax.stop_gradient(score.astype(jnp.float32)), jax.lax.stop_gradient(fmap.astype(jnp.float32))
@@ -88,8 +88,10 @@ def compile_student_eval_step(student: Student, mesh: Mesh, variable_shardings, 
                    out_shardings=repl)
 
 
-def _compile(student: Student, teacher_model: DPIQA, tx, mesh: Mesh, shardings: TrainState, input_shardings,
-             *, latent_mode: str, map_weight: float):
+def compile_distill_steps(student: Student, teacher_model: DPIQA, tx, mesh: Mesh, shardings: TrainState,
+                          input_shardings, *, latent_mode: str, map_weight: float):
+    """(distill_step, student eval step) jitted over `mesh`: the state in its shardings and donated,
+    the batch split over every device, the teacher's inputs in `input_shardings`."""
     repl, split = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
     train = functools.partial(distill_step, student=student, teacher_model=teacher_model, tx=tx,
                               latent_mode=latent_mode, map_weight=map_weight)
@@ -114,6 +116,7 @@ def student_task(config: ml_collections.ConfigDict, teacher_checkpoint: str) -> 
                                                                    config.model.embeddings)
     spec = student_spec(config, teacher_cfg.image_size)
     dtype = jnp.dtype(config.model.dtype)
+    teacher_model = DPIQA(teacher_cfg, dtype=dtype, attention=config.model.attention)
     student = Student(spec.variant, spec.map_channels, spec.fc_width, config.student.stochastic_depth_prob,
                       dtype=dtype)
     shapes = spec.variable_shapes()
@@ -138,13 +141,14 @@ def student_task(config: ml_collections.ConfigDict, teacher_checkpoint: str) -> 
         teacher_shardings = mesh_lib.state_shardings(mesh, teacher_params)
         input_shardings = {"teacher": teacher_shardings, "embeddings": mesh_lib.replicated(mesh)}
         inputs = state_lib.place({"teacher": teacher_params, "embeddings": embeddings}, input_shardings)
-        steps = _compile(student, DPIQA(teacher_cfg, dtype=dtype), tx, mesh, shardings, input_shardings,
-                         latent_mode=config.model.latents, map_weight=config.loss.map_weight)
+        steps = compile_distill_steps(student, teacher_model, tx, mesh, shardings,
+                                      input_shardings, latent_mode=config.model.latents,
+                                      map_weight=config.loss.map_weight)
         return (*steps, inputs)
 
     def cached_maps(data, workdir: str, _state, inputs: dict):
         """The train images' teacher maps, from the workdir's cache or one pass of the teacher."""
-        step = functools.partial(teacher_map_step, teacher_model=DPIQA(teacher_cfg, dtype=dtype))
+        step = functools.partial(teacher_map_step, teacher_model=teacher_model)
         identity = {"teacher": example_cache.params_digest(inputs), "dtype": config.model.dtype}
         return example_cache.join_from_pass(workdir, "teacher_maps", data, step, inputs,
                                             {"teacher_map": teacher_map[1:]}, identity)

@@ -19,6 +19,7 @@ import numpy as np
 from dpiqa_jax import teacher
 from dpiqa_jax.checkpoints import MODEL_FILE, with_shardings
 from dpiqa_jax.errors import UserError
+from dpiqa_jax.models.attention import IMPLEMENTATIONS
 from dpiqa_jax.models.dpiqa import DPIQA
 from dpiqa_jax.train import checkpoint as ckpt_lib
 from dpiqa_jax.train import evaluator, example_cache, inputs, metrics, preemption, schedule
@@ -41,6 +42,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     require_choice(config, "model.latents", LATENTS)
     require_choice(config, "eval.latents", LATENTS)
     require_choice(config, "model.dtype", ("float32", "bfloat16"))
+    require_choice(config, "model.attention", IMPLEMENTATIONS)
     require_choice(config, "optim.schedule", ("step", "cosine"))
     for key in ("model.sd_dir", "model.embeddings", "model.init_from", "dataset.manual_dir"):
         require_existing(config, key)
@@ -90,7 +92,8 @@ def teacher_task(config: ml_collections.ConfigDict) -> Task:
             return teacher.init_teacher_params(model_cfg, jax.random.key(config.seed, impl="unsafe_rbg"),
                                                config.model.sd_dir)
 
-    model = DPIQA(model_cfg, dtype=jnp.dtype(config.model.dtype), remat=config.model.remat)
+    model = DPIQA(model_cfg, dtype=jnp.dtype(config.model.dtype), remat=config.model.remat,
+                  attention=config.model.attention)
 
     def compile_steps(tx, mesh, shardings):
         train_step = compile_train_step(model, tx, mesh, shardings, latent_mode=config.model.latents,
@@ -151,7 +154,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Op
 
 def _initial_state(config, task: Task, tx, mesh, checkpoints):
     """(state, meta, state shardings): the latest checkpoint if there is one, else a fresh start."""
-    abstract, shardings = _layout(task.param_shapes, tx, mesh)
+    abstract, shardings = state_lib.layout(task.param_shapes, tx, mesh)
     if checkpoints.latest_step() is None:
         state = state_lib.create_state(task.init_params(), tx, jax.random.PRNGKey(config.seed), shardings)
         return state, {"step": 0, "data_position": 0, "best": {name: None for name in BEST}}, shardings
@@ -164,12 +167,6 @@ def _initial_state(config, task: Task, tx, mesh, checkpoints):
         frozen=frozen, opt_state=opt_state,
         rng=state_lib.place(np.asarray(meta["rng"], np.uint32), shardings.rng))
     return state, meta, shardings
-
-
-def _layout(param_shapes, tx, mesh):
-    """(abstract state, its shardings on `mesh`)."""
-    abstract = state_lib.abstract_state(param_shapes, tx)
-    return abstract, state_lib.state_shardings(mesh, abstract)
 
 
 class _Run:

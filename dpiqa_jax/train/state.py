@@ -58,6 +58,12 @@ def abstract_state(param_shapes: dict, tx: optax.GradientTransformation) -> Trai
                       rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
 
 
+def layout(param_shapes: dict, tx: optax.GradientTransformation, mesh: Mesh) -> tuple[TrainState, TrainState]:
+    """(abstract state, its shardings on `mesh`), from the model's parameter shapes."""
+    abstract = abstract_state(param_shapes, tx)
+    return abstract, state_shardings(mesh, abstract)
+
+
 def place(tree, shardings):
     """Host (numpy or single-device) arrays -> global arrays with `shardings`. Every process must
     hold the same values; each device takes its own slice (works across processes)."""

@@ -32,21 +32,25 @@ def ranking_loss(pred: jax.Array, target: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(upper, hinge, 0.0)) / (n * (n - 1) / 2)
 
 
+def encode(model: DPIQA, params, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The VAE posterior (mean, std) of `images`, computed."""
+    return model.apply({"params": params}, images, method="encode")
+
+
 def posterior(model: DPIQA, params, batch: dict) -> tuple[jax.Array, jax.Array]:
     """The VAE posterior (mean, std) of the batch's images: cached in the batch, else computed."""
     if POSTERIOR[0] in batch:  # stored as float32; the VAE's own outputs are in the compute dtype
         return tuple(batch[key].astype(model.dtype) for key in POSTERIOR)
-    return model.apply({"params": params}, batch["image"], method="encode")
+    return encode(model, params, batch["image"])
 
 
 def posterior_step(params, batch: dict, *, model: DPIQA) -> dict:
     """The posteriors of a (padded) batch, for the cache."""
-    mean, std = posterior(model, params, {"image": batch["image"]})
+    mean, std = encode(model, params, batch["image"])
     return {POSTERIOR[0]: mean, POSTERIOR[1]: std, "index": batch["index"], "mask": batch["mask"]}
 
 
-def latents(model: DPIQA, params, batch: dict, rng, mode: str) -> jax.Array:
-    mean, std = posterior(model, params, batch)
+def latents(model: DPIQA, mean: jax.Array, std: jax.Array, rng, mode: str) -> jax.Array:
     key = rng if mode == "sample" else None
     return jax.lax.stop_gradient(latents_from_posterior(mean, std, model.config.vae.scaling_factor, key))
 
@@ -55,7 +59,7 @@ def train_step(state: TrainState, batch: dict, embeddings: jax.Array, *, model: 
                tx: optax.GradientTransformation, latent_mode: str = "sample", rank_weight: float = 0.0):
     rng = jax.random.fold_in(state.rng, state.step)
     images, target = batch["image"], batch["target"].astype(jnp.float32)
-    z = latents(model, state.full_params(), batch, rng, latent_mode)
+    z = latents(model, *posterior(model, state.full_params(), batch), rng, latent_mode)
 
     def loss_fn(trainable):
         score, _ = model.apply({"params": state.full_params(trainable)}, images, z, embeddings,
@@ -77,7 +81,7 @@ def train_step(state: TrainState, batch: dict, embeddings: jax.Array, *, model: 
 def eval_step(params, batch: dict, embeddings: jax.Array, rng: jax.Array, *, model: DPIQA,
               latent_mode: str = "mean") -> dict:
     """Scores of a (padded) eval batch, returned with its targets, indices and mask."""
-    z = latents(model, params, {"image": batch["image"]}, rng, latent_mode)
+    z = latents(model, *encode(model, params, batch["image"]), rng, latent_mode)  # never cached
     score, _ = model.apply({"params": params}, batch["image"], z, embeddings, method="from_latents")
     return {"score": score.astype(jnp.float32), "target": batch["target"], "index": batch["index"],
             "mask": batch["mask"]}

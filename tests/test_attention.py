@@ -1,0 +1,104 @@
+"""The attention kernels: which one each setting picks, and the fast ones computing what XLA's does.
+
+The Pallas TPU kernel runs here in Pallas' TPU interpret mode (the same kernel, emulated on the
+CPU); cuDNN's needs an NVIDIA GPU and is checked by the speed benchmark there (issue 7).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+
+from dpiqa_jax.models.attention import TPU_BLOCK, attend, choose
+from dpiqa_jax.models.unet import UNetConfig, UNetFeatures
+
+TOL = 1e-5
+
+
+@pytest.mark.parametrize("implementation, platform, dtype, length, kernel", [
+    ("auto", "gpu", jnp.bfloat16, 4096, "cudnn"),
+    ("auto", "gpu", jnp.float16, 77, "cudnn"),
+    ("auto", "gpu", jnp.float32, 4096, "xla"),  # cuDNN's fused attention is for half precision
+    ("auto", "tpu", jnp.bfloat16, 4096, "tpu_flash"),
+    ("auto", "tpu", jnp.float32, 1024, "tpu_flash"),
+    ("auto", "tpu", jnp.bfloat16, 64, "xla"),  # fewer queries than one block
+    ("auto", "tpu", jnp.bfloat16, 200, "xla"),  # not whole blocks
+    ("auto", "cpu", jnp.bfloat16, 4096, "xla"),
+    ("xla", "gpu", jnp.bfloat16, 4096, "xla"),
+    ("cudnn", "gpu", jnp.float32, 4096, "cudnn"),  # asked for: cuDNN's own error if it cannot
+    ("tpu_flash", "cpu", jnp.float32, 256, "tpu_flash"),
+    ("tpu_flash", "tpu", jnp.float32, 16, "xla"),
+])
+def test_each_setting_picks_its_kernel(implementation, platform, dtype, length, kernel):
+    assert choose(implementation, platform, dtype, length) == kernel
+
+
+def test_an_unknown_implementation_is_refused():
+    with pytest.raises(ValueError, match="'flash'.*known"):
+        choose("flash", "gpu", jnp.bfloat16, 4096)
+
+
+def _qkv(batch, queries, keys, heads, dim, kv_batch=None):
+    kq, kk, kv = jax.random.split(jax.random.PRNGKey(0), 3)
+    q = jax.random.normal(kq, (batch, queries, heads, dim))
+    k, v = (jax.random.normal(key, (kv_batch or batch, keys, heads, dim)) for key in (kk, kv))
+    # Keys and values of a batch-1 context reach the kernel broadcast, as the Attention module does.
+    return q, jnp.broadcast_to(k, (batch,) + k.shape[1:]), jnp.broadcast_to(v, (batch,) + v.shape[1:])
+
+
+def _rel(a, b):
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+@pytest.mark.parametrize("queries, keys, kv_batch", [
+    (256, 256, None),  # self-attention, whole blocks
+    (128, 77, 1),  # cross-attention on a shared context shorter than a block
+    (256, 300, 1),  # ... and one that ends mid-block (SD-1.5's 1485 prompts do)
+])
+def test_the_tpu_flash_kernel_and_its_gradient_match_xla(queries, keys, kv_batch):
+    q, k, v = _qkv(2, queries, keys, heads=2, dim=40, kv_batch=kv_batch)
+    cotangent = jax.random.normal(jax.random.PRNGKey(9), q.shape)
+
+    def forward_and_grads(implementation):
+        out, vjp = jax.vjp(lambda *a: attend(*a, implementation), q, k, v)
+        return out, vjp(cotangent)
+
+    with pltpu.force_tpu_interpret_mode():
+        flash = forward_and_grads("tpu_flash")
+    plain = forward_and_grads("xla")
+    assert _rel(flash[0], plain[0]) < TOL
+    for name, a, b in zip("qkv", flash[1], plain[1], strict=True):
+        assert _rel(a, b) < TOL, name
+    # The padded keys are masked out: a kernel that let them in would differ by far more.
+    assert _rel(jax.nn.dot_product_attention(q, jnp.pad(k, ((0, 0), (0, 3), (0, 0), (0, 0))),
+                                             jnp.pad(v, ((0, 0), (0, 3), (0, 0), (0, 0)))), plain[0]) > 1e-3
+
+
+def test_the_unet_on_the_tpu_flash_kernel_matches_xla():
+    """A tiny U-Net whose first level has whole blocks of queries (16 x 16 latents = 2 blocks), on a
+    shared context: the kernel is the Pallas one there, and the up-block outputs equal XLA's.
+    (Gradients are checked on the kernel above: emulating its backward pass through a whole U-Net
+    takes minutes here.)"""
+    config = UNetConfig(block_out_channels=(32, 32, 64, 64), norm_num_groups=8, attention_head_dim=1,
+                        cross_attention_dim=16, layers_per_block=1)
+    assert 16 * 16 == 2 * TPU_BLOCK
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    latents = jax.random.normal(keys[0], (1, 16, 16, 4))
+    context = jax.random.normal(keys[1], (1, 7, 16))
+    # Random weights of the right shapes (Flax's init, run op by op or compiled, takes half a minute).
+    shapes, tree = jax.tree.flatten(jax.eval_shape(UNetFeatures(config).init, keys[2], latents, 1, context))
+    rng = np.random.default_rng(0)
+    params = tree.unflatten([0.2 * rng.standard_normal(x.shape, np.float32) for x in shapes])["params"]
+
+    def run(implementation):
+        model = UNetFeatures(config, attention=implementation)
+        apply = lambda p: model.apply({"params": p}, latents, 1, context)
+        traced = jax.jit(apply).trace(params)
+        return "pallas_call" in str(traced.jaxpr), traced.lower().compile()(params)
+
+    with pltpu.force_tpu_interpret_mode():
+        used, flash = run("tpu_flash")
+    unused, plain = run("xla")
+    assert used and not unused
+    errors = [_rel(a, b) for a, b in zip(flash, plain, strict=True)]
+    assert max(errors) < TOL, errors
