@@ -11,7 +11,7 @@ import torchvision
 from oracle import nchw, nhwc, randomize_, rel_err, state_numpy
 
 from dpiqa_jax.errors import UserError
-from dpiqa_jax.models.efficientnet import EfficientNet, MBConv, get_variant, stages
+from dpiqa_jax.models.efficientnet import EfficientNet, MBConv, depthwise_shifted_sum, get_variant, stages
 from dpiqa_jax.weights.student import load_variables
 
 TOL = 1e-4
@@ -169,3 +169,24 @@ def test_stochastic_depth_drops_whole_residual_branches_in_training_only():
     assert not np.allclose(evaluated, x)
     unchanged = jax.tree.map(np.array_equal, state["batch_stats"], variables["batch_stats"])
     assert jax.tree_util.tree_all(unchanged)
+
+
+@pytest.mark.parametrize("kernel, stride, size", [(3, 1, 9), (5, 2, 9), (3, 2, 8)])
+def test_depthwise_paths_of_cpu_and_other_platforms_agree(kernel, stride, size):
+    """On the CPU the depthwise convolution is a sum of shifted slices (XLA:CPU's grouped
+    convolution is 50x slower); other platforms lower the grouped convolution. Both here, with
+    their gradients, on odd and even sizes and both strides."""
+    keys = jax.random.split(jax.random.PRNGKey(kernel * 10 + stride), 3)
+    x = jax.random.normal(keys[0], (2, size, size, 6))
+    w = jax.random.normal(keys[1], (kernel, kernel, 1, 6))
+    pad = (kernel - 1) // 2
+    shifted = lambda x, w: depthwise_shifted_sum(x, w, stride, pad)
+    grouped = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride,) * 2, [(pad, pad)] * 2,
+                                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                                        feature_group_count=6,
+                                                        precision=jax.lax.Precision.HIGHEST)
+    cotangent = jax.random.normal(keys[2], grouped(x, w).shape)
+    results = [jax.vjp(f, x, w) for f in (shifted, grouped)]
+    assert rel_err(results[0][0], results[1][0]) < 1e-6
+    for a, b in zip(results[0][1](cotangent), results[1][1](cotangent), strict=True):
+        assert rel_err(a, b) < 1e-6

