@@ -11,7 +11,14 @@ import torchvision
 from oracle import nchw, nhwc, randomize_, rel_err, state_numpy
 
 from dpiqa_jax.errors import UserError
-from dpiqa_jax.models.efficientnet import EfficientNet, MBConv, depthwise_shifted_sum, get_variant, stages
+from dpiqa_jax.models.efficientnet import (
+    EfficientNet,
+    MBConv,
+    depthwise_grouped,
+    depthwise_shifted_sum,
+    get_variant,
+    stages,
+)
 from dpiqa_jax.weights.student import load_variables
 
 TOL = 1e-4
@@ -180,11 +187,8 @@ def test_depthwise_paths_of_cpu_and_other_platforms_agree(kernel, stride, size):
     x = jax.random.normal(keys[0], (2, size, size, 6))
     w = jax.random.normal(keys[1], (kernel, kernel, 1, 6))
     pad = (kernel - 1) // 2
-    shifted = lambda x, w: depthwise_shifted_sum(x, w, stride, pad)
-    grouped = lambda x, w: jax.lax.conv_general_dilated(x, w, (stride,) * 2, [(pad, pad)] * 2,
-                                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                                        feature_group_count=6,
-                                                        precision=jax.lax.Precision.HIGHEST)
+    shifted, grouped = (functools.partial(f, stride=stride, pad=pad)
+                        for f in (depthwise_shifted_sum, depthwise_grouped))
     cotangent = jax.random.normal(keys[2], grouped(x, w).shape)
     results = [jax.vjp(f, x, w) for f in (shifted, grouped)]
     assert rel_err(results[0][0], results[1][0]) < 1e-6

@@ -6,6 +6,7 @@ statistics included (collection `batch_stats`). The network stops at the last fe
 (torchvision's `features`); the pooling and ImageNet classifier are not built. Layout is NHWC.
 """
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -126,6 +127,13 @@ def depthwise_shifted_sum(x: jax.Array, kernel: jax.Array, stride: int, pad: int
     return sum(taps).astype(x.dtype)
 
 
+def depthwise_grouped(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
+    """The same depthwise convolution as XLA's grouped convolution (what GPUs and TPUs run)."""
+    return jax.lax.conv_general_dilated(x, kernel, (stride,) * 2, [(pad, pad)] * 2,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        feature_group_count=x.shape[-1])
+
+
 class DepthwiseConv(nn.Module):
     """nn.Conv's parameter (`kernel` (k, k, 1, C), no bias) for a depthwise convolution with
     symmetric padding; on the CPU computed by `depthwise_shifted_sum`, elsewhere by XLA's
@@ -142,14 +150,9 @@ class DepthwiseConv(nn.Module):
         channels, k = x.shape[-1], self.kernel_size
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, channels), jnp.float32)
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-
-        def grouped(x, kernel):
-            return jax.lax.conv_general_dilated(x, kernel, (self.stride,) * 2, [(self.pad, self.pad)] * 2,
-                                                dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                                feature_group_count=channels)
-
-        return jax.lax.platform_dependent(x, kernel, cpu=lambda x, kernel: depthwise_shifted_sum(
-            x, kernel, self.stride, self.pad), default=grouped)
+        geometry = {"stride": self.stride, "pad": self.pad}
+        return jax.lax.platform_dependent(x, kernel, cpu=functools.partial(depthwise_shifted_sum, **geometry),
+                                          default=functools.partial(depthwise_grouped, **geometry))
 
 
 class ConvNormAct(nn.Module):
