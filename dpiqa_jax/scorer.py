@@ -5,13 +5,14 @@
     scores = scorer(["a.jpg", "b.png"])
 """
 import os
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpiqa_jax.data.images import load_image
+from dpiqa_jax.data.images import ImageError, load_image
+from dpiqa_jax.data.pipeline import ParallelBatches
 from dpiqa_jax.errors import UserError
 from dpiqa_jax.models.dpiqa import DPIQA, TeacherConfig
 from dpiqa_jax.student_io import StudentSpec, Variables, is_student_checkpoint, load_student, student_apply
@@ -36,31 +37,83 @@ class Scorer:
         better = "lower" if self.lower_better else "higher"
         return f"about {low:g} to {high:g} (the training label: MOS / 100), {better} is better"
 
-    def predict_arrays(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(scores (N,), feature maps (N, m, m, 8)) of preprocessed images (N, S, S, 3) in [0, 1]."""
+    def predict_arrays(self, images: np.ndarray, first: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (N,), feature maps (N, m, m, 8)) of preprocessed images (N, S, S, 3) in [0, 1];
+        `first` is the index of images[0] among all inputs (it keys the sampled latents)."""
         scores, maps = [], []
         for start in range(0, len(images), self.batch_size):
             batch = images[start:start + self.batch_size]
             n = len(batch)
             padded = np.concatenate([batch, np.zeros((self.batch_size - n,) + batch.shape[1:], batch.dtype)])
-            score, fmap = self.predict(padded, start)
+            score, fmap = self.predict(padded, first + start)
             scores.append(np.asarray(score)[:n])
             maps.append(np.asarray(fmap)[:n])
         return np.concatenate(scores), np.concatenate(maps)
 
+    def batches(self, images: Sequence, on_error: Optional[Callable[[object, str], None]] = None
+                ) -> Iterator[tuple[list, np.ndarray, np.ndarray, np.ndarray]]:
+        """(inputs, their arrays, scores, maps) per batch of `batch_size` inputs (image paths or
+        preprocessed (S, S, 3) arrays). Paths are decoded on a pool of threads a few batches ahead of
+        the model, and only a few batches are in memory at once, so any number of files streams
+        through. An unreadable file raises its ImageError, or, given `on_error`, is passed to
+        `on_error(path, message)` and left out of its batch."""
+        items = _nonempty(images)
+        chunks = [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+        loaded = ParallelBatches(chunks, self._reader(on_error is not None))
+        try:
+            for number, (chunk, batch) in enumerate(zip(chunks, loaded, strict=True)):
+                for item, message in zip(chunk, batch["error"], strict=True):
+                    if message:
+                        on_error(item, str(message))
+                kept = batch["error"] == ""
+                if kept.any():
+                    arrays = batch["image"][kept]
+                    yield [x for x, keep in zip(chunk, kept, strict=True) if keep], arrays, \
+                        *self.predict_arrays(arrays, number * self.batch_size)
+        finally:
+            loaded.close()
+
+    def _reader(self, keep_going: bool) -> Callable:
+        """input -> {'image', 'error'}: a path read as the model expects (a blank and the message when
+        it is unreadable and `keep_going`), an array taken as already preprocessed."""
+        blank = np.zeros((self.image_size, self.image_size, 3), np.float32)
+
+        def read(item) -> dict:
+            if not isinstance(item, (str, os.PathLike)):
+                return {"image": np.asarray(item, np.float32), "error": ""}
+            try:
+                return {"image": load_image(item, self.image_size), "error": ""}
+            except ImageError as e:
+                if not keep_going:
+                    raise
+                return {"image": blank, "error": str(e)}
+
+        return read
+
     def __call__(self, images: Sequence) -> np.ndarray:
         """Scores of image paths or of (S, S, 3) arrays already preprocessed."""
-        return self.predict_arrays(self.load(images))[0]
+        return np.concatenate([scores for _, _, scores, _ in self.batches(images)])
 
     def feature_maps(self, images: Sequence) -> np.ndarray:
         """Quality feature maps (N, m, m, 8) of image paths or preprocessed arrays
         (`dpiqa_jax.heatmaps.render` draws them)."""
-        return self.predict_arrays(self.load(images))[1]
+        return np.concatenate([maps for _, _, _, maps in self.batches(images)])
 
     def load(self, images: Sequence) -> np.ndarray:
-        """Paths (or os.PathLike) read as the model expects; arrays taken as already preprocessed."""
-        return np.stack([load_image(x, self.image_size) if isinstance(x, (str, os.PathLike))
-                         else np.asarray(x, np.float32) for x in images])
+        """Paths (or os.PathLike) read as the model expects, on a pool of threads; arrays taken as
+        already preprocessed."""
+        loaded = ParallelBatches([_nonempty(images)], self._reader(False))
+        try:
+            return next(loaded)["image"]
+        finally:
+            loaded.close()
+
+
+def _nonempty(images: Sequence) -> list:
+    items = list(images)
+    if not items:
+        raise UserError("no images given")
+    return items
 
 
 def teacher_scorer(cfg: TeacherConfig, params, embeddings, *, latent: str = "mean", batch_size: int = 8,
@@ -86,28 +139,49 @@ def student_scorer(spec: StudentSpec, variables: Variables, *, batch_size: int =
     return Scorer(lambda images, start: apply(variables, images), spec.image_size, batch_size)
 
 
-def refuse_teacher_options(checkpoint: str, prompt_embeddings, model_config, latent: str) -> None:
-    teacher_only = {"prompt embeddings": prompt_embeddings, "a teacher model config": model_config,
-                    "sampled latents": latent != "mean"}
-    given = [name for name, value in teacher_only.items() if value]
-    if given:
-        raise UserError(f"{checkpoint} is a student checkpoint: {' and '.join(given)} apply to teachers only")
+class Checkpoint(NamedTuple):
+    """A loaded teacher (TeacherConfig, params, prompt matrix) or student (StudentSpec, variables, None)."""
+    config: Union[TeacherConfig, StudentSpec]
+    weights: dict
+    embeddings: Optional[np.ndarray]
+
+    @property
+    def is_student(self) -> bool:
+        return isinstance(self.config, StudentSpec)
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+
+def read_checkpoint(checkpoint, prompt_embeddings: Optional[str] = None, model_config: Optional[str] = None,
+                    *, student_spec: Optional[StudentSpec] = None, latent: str = "mean") -> Checkpoint:
+    """A student (see `student_io.is_student_checkpoint`; `student_spec` describes an authors' file whose
+    shapes are not B7 at 512 px) or else a teacher (see `teacher.load_teacher`); options that apply to
+    the other kind are a one-line error."""
+    from dpiqa_jax.teacher import load_teacher
+
+    checkpoint = os.fspath(checkpoint)
+    if is_student_checkpoint(checkpoint):
+        teacher_only = {"prompt embeddings": prompt_embeddings, "a teacher model config": model_config,
+                        "sampled latents": latent != "mean"}
+        given = [name for name, value in teacher_only.items() if value]
+        if given:
+            raise UserError(f"{checkpoint} is a student checkpoint: {' and '.join(given)} apply to teachers "
+                            "only")
+        return Checkpoint(*load_student(checkpoint, student_spec), None)
+    if student_spec is not None:
+        raise UserError(f"{checkpoint} is not a student checkpoint: a student spec does not apply")
+    return Checkpoint(*load_teacher(checkpoint, prompt_embeddings, model_config))
 
 
 def load(checkpoint, prompt_embeddings: Optional[str] = None, model_config: Optional[str] = None, *,
          student_spec: Optional[StudentSpec] = None, latent: str = "mean", batch_size: int = 8, seed: int = 0,
          dtype=jnp.float32) -> Scorer:
-    """A Scorer for a student (see `student_io.is_student_checkpoint`; `student_spec` describes an
-    authors' file whose shapes are not B7 at 512 px) or else a teacher (see `teacher.load_teacher`)."""
-    from dpiqa_jax.teacher import load_teacher
-
-    checkpoint = os.fspath(checkpoint)
-    if is_student_checkpoint(checkpoint):
-        refuse_teacher_options(checkpoint, prompt_embeddings, model_config, latent)
-        spec, variables = load_student(checkpoint, student_spec)
-        return student_scorer(spec, variables, batch_size=batch_size, dtype=dtype)
-    if student_spec is not None:
-        raise UserError(f"{checkpoint} is not a student checkpoint: a student spec does not apply")
-    cfg, params, embeddings = load_teacher(checkpoint, prompt_embeddings, model_config)
-    return teacher_scorer(cfg, params, embeddings, latent=latent, batch_size=batch_size, seed=seed,
-                          dtype=dtype)
+    """A Scorer for any teacher or student checkpoint (see `read_checkpoint`)."""
+    loaded = read_checkpoint(checkpoint, prompt_embeddings, model_config, student_spec=student_spec,
+                             latent=latent)
+    if loaded.is_student:
+        return student_scorer(loaded.config, loaded.weights, batch_size=batch_size, dtype=dtype)
+    return teacher_scorer(loaded.config, loaded.weights, loaded.embeddings, latent=latent,
+                          batch_size=batch_size, seed=seed, dtype=dtype)

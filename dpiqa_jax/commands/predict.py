@@ -5,7 +5,6 @@ import json
 import os
 import sys
 
-import numpy as np
 from tqdm import tqdm
 
 from dpiqa_jax.commands.export import add_student_arguments, student_spec
@@ -89,7 +88,6 @@ def save_maps(folder: str, paths, images, maps, scores) -> None:
 
 def run(args):
     from dpiqa_jax import scorer as scorer_lib
-    from dpiqa_jax.data.images import ImageError, load_image
 
     paths = expand_paths(args.paths)
     if not paths:
@@ -99,24 +97,19 @@ def run(args):
                              seed=args.seed)
     if args.score_range:
         print(f"scores: {scorer.describe_range()}", file=sys.stderr)
-    rows, failed = [], 0
+    rows, failed = [], []
     # A progress bar with images/s on a terminal only (disable=None), so that logs stay clean.
     with tqdm(total=len(paths), unit="img", disable=None, file=sys.stderr) as bar:
-        for start in range(0, len(paths), args.batch_size):
-            chunk, good, images = paths[start:start + args.batch_size], [], []
-            for path in chunk:
-                try:
-                    images.append(load_image(path, scorer.image_size))
-                    good.append(path)
-                except ImageError as e:
-                    tqdm.write(f"skipped: {e}", file=sys.stderr)
-                    failed += 1
-            if images:
-                scores, maps = scorer.predict_arrays(np.stack(images))
-                rows += [{"path": p, "score": float(s)} for p, s in zip(good, scores, strict=True)]
-                if args.save_maps:
-                    save_maps(args.save_maps, good, images, maps, scores)
-            bar.update(len(chunk))
+        def skip(path, message):
+            tqdm.write(f"skipped: {message}", file=sys.stderr)
+            failed.append(path)
+            bar.update(1)
+
+        for good, images, scores, maps in scorer.batches(paths, on_error=skip):
+            rows += [{"path": p, "score": float(s)} for p, s in zip(good, scores, strict=True)]
+            if args.save_maps:
+                save_maps(args.save_maps, good, images, maps, scores)
+            bar.update(len(good))
     if rows:
         write_results(rows, args.output)
     return 1 if failed else 0

@@ -59,23 +59,18 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, *, part: str = "test", sp
 
 
 def _eval_model(checkpoint: str, mesh, prompt_embeddings, model_config, latents: str, dtype):
-    """(eval step, replicated params, replicated prompt matrix or None, image size) of a checkpoint."""
-    from dpiqa_jax import teacher
+    """(eval step, replicated weights, replicated prompt matrix or None, image size) of a checkpoint."""
     from dpiqa_jax.models.dpiqa import DPIQA
-    from dpiqa_jax.scorer import refuse_teacher_options
-    from dpiqa_jax.student_io import is_student_checkpoint, load_student
+    from dpiqa_jax.scorer import read_checkpoint
     from dpiqa_jax.train.distill import compile_student_eval_step
     from dpiqa_jax.train.state import place
     from dpiqa_jax.train.step import compile_eval_step
 
+    loaded = read_checkpoint(checkpoint, prompt_embeddings, model_config, latent=latents)
     repl = mesh_lib.replicated(mesh)
-    if is_student_checkpoint(checkpoint):
-        refuse_teacher_options(checkpoint, prompt_embeddings, model_config, latents)
-        spec, variables = load_student(checkpoint)
-        step = compile_student_eval_step(spec.model(dtype), mesh, repl)
-        return step, place(variables, jax.tree.map(lambda _: repl, variables)), None, spec.image_size
-    cfg, params, embeddings = teacher.load_teacher(checkpoint, prompt_embeddings, model_config)
-    params = place(params, jax.tree.map(lambda _: repl, params))
-    embeddings = place(np.asarray(embeddings, np.float32), repl)
-    return compile_eval_step(DPIQA(cfg, dtype=dtype), mesh, repl, latent_mode=latents), params, embeddings, \
-        cfg.image_size
+    weights = place(loaded.weights, jax.tree.map(lambda _: repl, loaded.weights))
+    if loaded.is_student:
+        step = compile_student_eval_step(loaded.config.model(dtype), mesh, repl)
+        return step, weights, None, loaded.image_size
+    step = compile_eval_step(DPIQA(loaded.config, dtype=dtype), mesh, repl, latent_mode=latents)
+    return step, weights, place(np.asarray(loaded.embeddings, np.float32), repl), loaded.image_size
