@@ -145,16 +145,18 @@ def load_configs(args):
     """(teacher config, student config): the demo's for --tiny, else the authors' (SD-1.5, B7)."""
     names = ("demo.py", "student_demo.py") if args.tiny else ("default.py", "student_koniq10k.py")
     configs = [load_config(str(REPO / "configs" / name)) for name in names]
+    teacher, student = configs
     for config in configs:
         config.seed = args.seed
-        config.model.sd_dir = config.model.embeddings = config.model.init_from = None  # random, no files
+        config.model.embeddings = None  # random weights, no files
         config.model.dtype = args.dtype or config.model.dtype
-        config.model.remat = args.remat
         config.model.attention = args.attention
-        if args.cache_posteriors:
-            config.model.cache_posteriors = args.cache_posteriors == "on"
-    configs[1].student.imagenet = None
-    configs[1].student.cache_teacher = False  # the job times the teacher's forward pass in the step
+    teacher.model.sd_dir = teacher.model.init_from = None
+    teacher.model.remat = args.remat
+    if args.cache_posteriors:
+        teacher.model.cache_posteriors = args.cache_posteriors == "on"
+    student.student.imagenet = None
+    student.student.cache_teacher = False  # the job times the teacher's forward pass in the step
     return configs
 
 

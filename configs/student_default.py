@@ -16,8 +16,13 @@ def add_student(config: ml_collections.ConfigDict, variant: str = "b7", fc_width
         "cache_teacher": False,
     })
     config.loss.map_weight = 1.0  # MSE(student map, teacher map) beside MSE(score, target)
-    # The teacher (architecture, weights, prompt matrix) comes from the --teacher checkpoint.
-    config.model.sd_dir = None
+    # The teacher (architecture, weights, prompt matrix) comes whole from the --teacher checkpoint
+    # and is frozen: the teacher-training keys go, so that setting one is an unknown-key error
+    # instead of being ignored. `model.embeddings` may still replace the teacher's prompt matrix.
+    for key in ("arch", "sd_dir", "num_prompts", "init_from", "remat", "cache_posteriors"):
+        del config.model[key]
+    del config.loss["rank_weight"]
+    del config.eval["latents"]  # the student has no latents
     config.model.embeddings = None
     config.lock()
     return config

@@ -117,6 +117,14 @@ def require_existing(config: ml_collections.ConfigDict, key: str) -> None:
         raise UserError(f"config key {key!r}: path {value!r} does not exist")
 
 
+def has(config: ml_collections.ConfigDict, key: str) -> bool:
+    try:
+        get(config, key)
+        return True
+    except KeyError:
+        return False
+
+
 def get(config: ml_collections.ConfigDict, key: str):
     value = config
     for part in key.split("."):

@@ -25,7 +25,7 @@ from dpiqa_jax.train import checkpoint as ckpt_lib
 from dpiqa_jax.train import evaluator, example_cache, inputs, metrics, preemption, schedule
 from dpiqa_jax.train import mesh as mesh_lib
 from dpiqa_jax.train import state as state_lib
-from dpiqa_jax.train.config_util import require_choice, require_existing
+from dpiqa_jax.train.config_util import has, require_choice, require_existing
 from dpiqa_jax.train.report import Reporter
 from dpiqa_jax.train.step import LATENTS, POSTERIOR, compile_eval_step, compile_train_step, posterior_step
 
@@ -38,14 +38,16 @@ class NonFiniteError(RuntimeError):
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Config checks that need no data and no compile: choices and paths."""
-    require_choice(config, "model.latents", LATENTS)
-    require_choice(config, "eval.latents", LATENTS)
-    require_choice(config, "model.dtype", ("float32", "bfloat16"))
-    require_choice(config, "model.attention", IMPLEMENTATIONS)
-    require_choice(config, "optim.schedule", ("step", "cosine"))
+    """Config checks that need no data and no compile: choices and paths (of the keys the config
+    has: student configs lack the teacher-training ones)."""
+    choices = {"model.latents": LATENTS, "eval.latents": LATENTS, "model.dtype": ("float32", "bfloat16"),
+               "model.attention": IMPLEMENTATIONS, "optim.schedule": ("step", "cosine")}
+    for key, allowed in choices.items():
+        if has(config, key):
+            require_choice(config, key, allowed)
     for key in ("model.sd_dir", "model.embeddings", "model.init_from", "dataset.manual_dir"):
-        require_existing(config, key)
+        if has(config, key):
+            require_existing(config, key)
 
 
 def prompt_embeddings(config: ml_collections.ConfigDict, embed_dim: int) -> np.ndarray:
