@@ -200,6 +200,37 @@ def test_colour_ramp_runs_from_dark_to_bright():
     assert np.all(colorize(np.full((2, 2), 7.0)) == colorize(np.zeros((2, 2))))  # a flat map is uniform
 
 
+def test_predict_shows_a_progress_bar_with_images_per_second_on_a_terminal(student_files):
+    """stderr a terminal (a pseudo-terminal here): the bar counts the images and shows the rate.
+    (Elsewhere, as in the tests above, it stays off so that logs hold only results and errors.)"""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    tmp, _, paths, _ = student_files
+    terminal, child_side = pty.openpty()
+    # A new pseudo-terminal is 0 columns wide, where tqdm draws nothing: give it a terminal's size.
+    fcntl.ioctl(child_side, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    command = [sys.executable, "-m", "dpiqa_jax.cli", "predict", "--checkpoint", "student.pth", "--variant",
+               "b0", "--image-size", "64", "--batch-size", "2", "--output", "bar.json", *map(str, paths)]
+    process = subprocess.Popen(command, cwd=tmp, env=_environment(None), stdout=subprocess.DEVNULL,
+                               stderr=child_side)
+    os.close(child_side)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(terminal, 4096)
+        except OSError:  # EIO: the child's side is closed
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(terminal)
+    assert process.wait(timeout=600) == 0, shown[-2000:]
+    assert f"{len(paths)}/{len(paths)}".encode() in shown and b"img/s" in shown, shown[-2000:]
+
+
 def test_export_command_then_predict_the_export(student_files):
     tmp, _, paths, expected = student_files
     # Both commands run the model on 3 images at once: with a shared compilation cache, predict
