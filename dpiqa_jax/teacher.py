@@ -4,6 +4,7 @@ A checkpoint may be the authors' `.pth` state dict (with their prompt-embedding 
 of our training workdirs / orbax checkpoint folders.
 """
 import dataclasses
+import functools
 import json
 import os
 from typing import Optional
@@ -48,18 +49,33 @@ def read_teacher_config(path: str) -> TeacherConfig:
         raise UserError(f"{path}: not a readable teacher config ({e})") from e
 
 
+def _init_key(seed: int = 0) -> jax.Array:
+    # XLA's RngBitGenerator compiles in a fraction of threefry's time, which dominates compiling init.
+    return jax.random.key(seed, impl="unsafe_rbg")
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_init(cfg: TeacherConfig):
+    """One jitted init per config: `param_shapes` and then `init_teacher_params` share its trace
+    (tracing the U-Net costs seconds at the demo's size and more at SD-1.5's)."""
+    return jax.jit(DPIQA(cfg).init)
+
+
+def _init_inputs(cfg: TeacherConfig) -> tuple:
+    return (jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, 3), jnp.float32),
+            jax.ShapeDtypeStruct((1, cfg.embed_dim), jnp.float32))
+
+
 def param_shapes(cfg: TeacherConfig):
     """The teacher's parameter tree as ShapeDtypeStructs (nothing allocated)."""
-    images = jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
-    prompts = jax.ShapeDtypeStruct((1, cfg.embed_dim), jnp.float32)
-    return jax.eval_shape(DPIQA(cfg).init, jax.random.PRNGKey(0), images, prompts)["params"]
+    key = jax.eval_shape(_init_key)
+    return jax.eval_shape(_jitted_init(cfg), key, *_init_inputs(cfg))["params"]
 
 
-def init_teacher_params(cfg: TeacherConfig, rng: jax.Array, sd_dir: Optional[str] = None):
+def init_teacher_params(cfg: TeacherConfig, seed: int, sd_dir: Optional[str] = None):
     """Random init; with `sd_dir` the VAE and U-Net come from a local diffusers SD-1.5 folder."""
-    images = jnp.zeros((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
-    prompts = jnp.zeros((1, cfg.embed_dim), jnp.float32)
-    params = jax.jit(DPIQA(cfg).init)(rng, images, prompts)["params"]
+    zeros = [jnp.zeros(x.shape, x.dtype) for x in _init_inputs(cfg)]
+    params = _jitted_init(cfg)(_init_key(seed), *zeros)["params"]
     if sd_dir is not None:
         from dpiqa_jax.weights.diffusers import load_sd_folder
 

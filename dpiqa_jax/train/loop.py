@@ -89,10 +89,7 @@ def teacher_task(config: ml_collections.ConfigDict) -> Task:
         embeddings = prompt_embeddings(config, model_cfg.embed_dim)
 
         def init_params():
-            # XLA's RngBitGenerator compiles in a fraction of threefry's time, which dominates
-            # compiling init.
-            return teacher.init_teacher_params(model_cfg, jax.random.key(config.seed, impl="unsafe_rbg"),
-                                               config.model.sd_dir)
+            return teacher.init_teacher_params(model_cfg, config.seed, config.model.sd_dir)
 
     model = DPIQA(model_cfg, dtype=jnp.dtype(config.model.dtype), remat=config.model.remat,
                   attention=config.model.attention)
