@@ -7,7 +7,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 
 def pytest_collection_modifyitems(items):
-    """Slow tests first (a stable sort: each group keeps its order). pytest-xdist deals the first
-    tests out to its workers in turn, so the long end-to-end runs start together and the quick
-    tests fill the gaps at the end, instead of one worker finishing alone on a long run."""
+    """Slow tests first (a stable sort: each group keeps its order). With pyproject's
+    --maxschedchunk=1, pytest-xdist hands each worker its next test as it frees up, so the long
+    end-to-end runs start early, side by side, and the quick tests fill the gaps at the end instead
+    of one worker finishing alone on a long run."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
