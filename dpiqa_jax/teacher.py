@@ -31,7 +31,8 @@ def teacher_config_from_dict(d: dict) -> TeacherConfig:
         vae=VAEConfig.from_diffusers(d["vae"]) if "vae" in d else TeacherConfig.vae,
         latent_size=int(d.get("latent_size", TeacherConfig.latent_size)),
         adapter_res_blocks=int(d.get("adapter_res_blocks", TeacherConfig.adapter_res_blocks)),
-        decoder=tuple(sorted(dict(d.get("decoder", {})).items())),
+        decoder=tuple(sorted((k, tuple(v) if isinstance(v, list) else v)  # hashable, as JSON gives lists
+                             for k, v in dict(d.get("decoder", {})).items())),
     )
 
 

@@ -5,6 +5,10 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(__file__))
 
+from train_helpers import NO_YNN  # noqa: E402
+
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {NO_YNN}".strip()  # before JAX starts
+
 
 def pytest_collection_modifyitems(items):
     """Slow tests first (a stable sort: each group keeps its order). With pyproject's

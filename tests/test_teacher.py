@@ -81,11 +81,11 @@ def test_sample_mode_draws_around_the_mean():
     _, cfg, params = tiny_pair()
     images = jnp.asarray(np.random.default_rng(2).random((2, 64, 64, 3), dtype=np.float32))
     prompts = jnp.ones((3, 32))
-    model = DPIQA(cfg)
-    mean = model.apply({"params": params}, images, prompts)[0]
-    draws = [model.apply({"params": params}, images, prompts, jax.random.PRNGKey(i))[0] for i in range(2)]
+    score = jax.jit(lambda *key: DPIQA(cfg).apply({"params": params}, images, prompts, *key)[0])
+    mean = score()
+    draws = [score(jax.random.PRNGKey(i)) for i in range(2)]
     assert not np.allclose(draws[0], draws[1])
-    again = model.apply({"params": params}, images, prompts, jax.random.PRNGKey(0))[0]
+    again = score(jax.random.PRNGKey(0))
     np.testing.assert_array_equal(again, draws[0])
     assert not np.allclose(mean, draws[0])
 

@@ -183,6 +183,9 @@ class _Run:
         final: Optional[dict] = None
         for step in range(start + 1, total + 1):
             state, step_metrics = train_step(state, next(batches), self.step_inputs)
+            if step == start + 1:
+                jax.block_until_ready(step_metrics)
+                self.reporter.first_step_done()
             self.pending.append((step, step_metrics))
             self.reporter.step()
             stop = watch.reached(step)

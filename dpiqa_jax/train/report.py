@@ -27,6 +27,13 @@ class Reporter:
     def step(self, n: int = 1) -> None:
         self.bar.update(n)
 
+    def first_step_done(self) -> None:
+        """Says how long the command took to its first step (imports, data, compile): the figure
+        that the persistent compilation cache cuts on a rerun."""
+        seconds = seconds_since_process_start()
+        if seconds is not None:
+            self.bar.write(f"first step done {seconds:.1f} s after the command started (compile included)")
+
     def images_per_second(self, step: int) -> float:
         """Throughput since the previous call (the log window), wall clock."""
         last_step, last_time = self._window
@@ -101,3 +108,15 @@ def read_metrics(workdir: str, split: Optional[str] = None) -> list[dict]:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f if line.strip()]
     return [r for r in records if split is None or r["split"] == split]
+
+
+def seconds_since_process_start() -> Optional[float]:
+    """Wall seconds since this process started, from Linux's /proc (None elsewhere)."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime - ticks / os.sysconf("SC_CLK_TCK")
