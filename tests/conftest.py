@@ -5,9 +5,9 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(__file__))
 
-from train_helpers import NO_YNN  # noqa: E402
+from train_helpers import TEST_XLA_FLAGS  # noqa: E402
 
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {NO_YNN}".strip()  # before JAX starts
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()  # before JAX starts
 
 
 def pytest_collection_modifyitems(items):

@@ -29,16 +29,17 @@ def shared_root(tmp_path_factory) -> Path:
     return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "train_shared"
 
 
-# No YNNPACK fusions in XLA:CPU: it rebuilds them slowly when it reads an executable back from the
-# compilation cache (the smoke train step: 16.8 s with them, 6-7 s without; compiling alike). Set
-# for the test process too (conftest.py), since the kernels differ in the last bits: tests compare
-# numbers computed here with those of subprocesses.
-NO_YNN = "--xla_cpu_experimental_ynn_fusion_type="
+# XLA:CPU flags of the test process (conftest.py) and its subprocesses alike, since the kernels
+# differ in the last bits and tests compare numbers computed here with those of subprocesses.
+# Optimisation level 0: compiling dominates the tests on tiny models (the tiny teacher's gradient:
+# 35 s, 22 s at level 0; it then runs in 0.22 s instead of 0.11). No YNNPACK fusions: XLA:CPU
+# rebuilds them slowly when it reads an executable back from the compilation cache (the smoke
+# train step: 16.8 s with them, 6-7 s without; compiling alike).
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_experimental_ynn_fusion_type="
 
 
 def environment(root: Path, devices: int = 1) -> dict:
-    # Optimisation level 0: XLA compiles the tiny teacher twice as fast, and these runs are short.
-    flags = f"--xla_backend_optimization_level=0 {NO_YNN} --xla_force_host_platform_device_count={devices}"
+    flags = f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}"
     return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
                 JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"), TF_CPP_MIN_LOG_LEVEL="3")
 
