@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from flax import traverse_util
 from train_fakes import FakeStudent, FakeTeacher, adam, fake_batch, fake_params
 
 from dpiqa_jax.train import mesh as mesh_lib
@@ -105,7 +106,10 @@ def test_cached_posteriors_give_the_step_of_the_vae_itself(mode):
     cached = batch | {key: np.asarray(out[key], np.float32) for key in step_lib.POSTERIOR}
     plain_state, plain = step(copy(state), batch, embeddings)
     cached_state, got = step(copy(state), cached, embeddings)
-    jax.tree.map(np.testing.assert_array_equal, (cached_state, got), (plain_state, plain))
+    # Two XLA programs (the VAE inside the step, or its posteriors as inputs) round differently:
+    # up to 2.6e-6 relative at the tests' XLA:CPU optimisation level 0.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8),
+                 (cached_state, got), (plain_state, plain))
     shifted = cached | {"posterior_mean": cached["posterior_mean"] + 1}
     assert float(step(copy(state), shifted, embeddings)[1]["loss"]) != float(plain["loss"])
 
@@ -164,8 +168,13 @@ def test_distill_step_is_spec_loss_and_its_gradient():
     np.testing.assert_allclose(metrics["mse"], mse, rtol=2e-5)
     np.testing.assert_allclose(metrics["map_loss"], (loss - mse) / weight, rtol=5e-5)
     expected = jax.tree.map(lambda p, g: p - lr * g, variables["params"], grads)
-    for got, want in zip(jax.tree.leaves(new.params["params"]), jax.tree.leaves(expected), strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)  # the bias before BN: grad ~0
+    # The bias before BN: its exact gradient is 0 (BN takes away any shift); what moves it is rounding.
+    np.testing.assert_allclose(new.params["params"]["body"]["bias"], variables["params"]["body"]["bias"],
+                               atol=1e-5)
+    got = traverse_util.flatten_dict(new.params["params"])
+    for path, want in traverse_util.flatten_dict(expected).items():
+        if path != ("body", "bias"):
+            np.testing.assert_allclose(got[path], want, rtol=1e-5, atol=2e-6, err_msg=str(path))
     for got, want in zip(jax.tree.leaves(new.frozen), jax.tree.leaves(stats), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-6)
     assert not np.allclose(new.frozen["batch_stats"]["bn"]["mean"], variables["batch_stats"]["bn"]["mean"])
