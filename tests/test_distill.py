@@ -19,9 +19,12 @@ STUDENT_SMOKE = str(REPO / "configs" / "student_demo.py") + ":smoke"
 
 def test_distill_smoke_run_then_predict_and_export_its_workdir(smoke_run, train_root, tmp_path):
     workdir = tmp_path / "student"
-    env = environment(train_root)
-    check(run(CLI + ["distill", "--config", STUDENT_SMOKE, "--workdir", str(workdir),
-                     "--teacher", str(smoke_run), f"--config.dataset.data_dir={train_root / 'tfds'}"], env))
+    env = environment(train_root) | {"JAX_LOG_COMPILES": "1"}
+    command = CLI + ["distill", "--config", STUDENT_SMOKE, "--workdir", str(workdir),
+                     "--teacher", str(smoke_run), f"--config.dataset.data_dir={train_root / 'tfds'}"]
+    result = check(run(command, env))
+    # compiled ahead, while the teacher's maps were cached, and found by the first step
+    assert result.stderr.count("Finished XLA compilation of jit(distill_step)") == 1
     spec = json.loads((workdir / "student.json").read_text())
     teacher_side = json.loads((smoke_run / "model.json").read_text())["latent_size"] * 8
     assert spec == {"variant": "b0", "map_channels": 8, "fc_width": 64, "image_size": teacher_side}

@@ -123,6 +123,7 @@ def student_task(config: ml_collections.ConfigDict, teacher_checkpoint: str) -> 
     map_shape = jax.eval_shape(student.apply, shapes, jax.ShapeDtypeStruct(
         (1, spec.image_size, spec.image_size, 3), jnp.float32))[1].shape
     teacher_map = (1, teacher_cfg.latent_size, teacher_cfg.latent_size, 8)
+    joined = {"teacher_map": teacher_map[1:]}  # what the cache adds to each example
     if map_shape != teacher_map:
         raise UserError(f"the student's feature map {map_shape[1:]} does not match the teacher's "
                         f"{teacher_map[1:]}: set config key 'student.map_channels' to 8")
@@ -150,8 +151,8 @@ def student_task(config: ml_collections.ConfigDict, teacher_checkpoint: str) -> 
         """The train images' teacher maps, from the workdir's cache or one pass of the teacher."""
         step = functools.partial(teacher_map_step, teacher_model=teacher_model)
         identity = {"teacher": example_cache.params_digest(inputs), "dtype": config.model.dtype}
-        return example_cache.join_from_pass(workdir, "teacher_maps", data, step, inputs,
-                                            {"teacher_map": teacher_map[1:]}, identity)
+        return example_cache.join_from_pass(workdir, "teacher_maps", data, step, inputs, joined, identity)
 
+    cached = config.student.cache_teacher
     return Task(STUDENT_FILE, spec.to_dict(), None, spec.image_size, shapes, init_params, compile_steps,
-                cached_maps if config.student.cache_teacher else None)
+                cached_maps if cached else None, joined if cached else {})

@@ -3,6 +3,7 @@ from typing import Callable, Iterator, Optional
 
 import jax
 import ml_collections
+import numpy as np
 from jax.sharding import Mesh
 
 from dpiqa_jax.data import pipeline
@@ -41,6 +42,16 @@ class IQAData:
                 yield pipeline.to_global(join(batch) if join else batch, self.mesh, mesh_lib.BATCH_AXES)
         finally:  # the loader's threads stop with the generator
             batches.close()
+
+    def train_spec(self, joined: dict[str, tuple]) -> dict[str, jax.ShapeDtypeStruct]:
+        """The shapes, dtypes and shardings of a global train batch, with the float32 fields of
+        `joined` (name -> one example's shape) that a join adds: what the train step is compiled for."""
+        image = (self.image_size, self.image_size, 3)
+        fields = {"image": (image, np.float32), "target": ((), np.float32), "index": ((), np.int32)}
+        fields |= {name: (shape, np.float32) for name, shape in joined.items()}
+        split = mesh_lib.batch_sharding(self.mesh)
+        return {name: jax.ShapeDtypeStruct((self.batch_size, *shape), dtype, sharding=split)
+                for name, (shape, dtype) in fields.items()}
 
     def eval_batches(self, part: str = "test") -> Iterator[dict]:
         """A part of the split (each image once, in order), padded with a 'mask', as global arrays."""

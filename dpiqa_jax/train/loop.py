@@ -6,6 +6,7 @@ state is saved. Every `eval.every` steps and at the end the test split is scored
 evaluations by SRCC and PLCC are kept as checkpoints, the latest state every `checkpoint.every`
 and at a SIGTERM (see `preemption`), after which the run stops with `Preempted`.
 """
+import concurrent.futures
 import dataclasses
 import functools
 import math
@@ -78,6 +79,7 @@ class Task:
     # (data, workdir, state, the steps' extra input) -> a function that adds fields to each host-local
     # train batch (cached outputs of frozen parts), or None; called once before training
     batch_join: Optional[Callable] = None
+    joined: dict = dataclasses.field(default_factory=dict)  # the float32 fields it adds: name -> shape
 
 
 def teacher_task(config: ml_collections.ConfigDict) -> Task:
@@ -100,18 +102,20 @@ def teacher_task(config: ml_collections.ConfigDict) -> Task:
         eval_step = compile_eval_step(model, mesh, shardings.full_params(), latent_mode=config.eval.latents)
         return train_step, eval_step, state_lib.place(embeddings, mesh_lib.replicated(mesh))
 
+    side = model_cfg.latent_size
+    shapes = dict.fromkeys(POSTERIOR, (side, side, model_cfg.vae.latent_channels))
+
     def cached_posteriors(data, workdir: str, state, _embeddings):
         """The train images' VAE posteriors, from the workdir's cache or one pass of the frozen VAE."""
-        side = model_cfg.latent_size
-        shapes = dict.fromkeys(POSTERIOR, (side, side, model_cfg.vae.latent_channels))
         identity = {"vae": example_cache.params_digest(state.frozen), "dtype": config.model.dtype}
         return example_cache.join_from_pass(workdir, "vae_posteriors", data,
                                             functools.partial(posterior_step, model=model),
                                             state.full_params(), shapes, identity)
 
+    cached = config.model.cache_posteriors
     return Task(MODEL_FILE, teacher.teacher_config_to_dict(model_cfg), embeddings, model_cfg.image_size,
                 teacher.param_shapes(model_cfg), init_params, compile_steps,
-                cached_posteriors if config.model.cache_posteriors else None)
+                cached_posteriors if cached else None, shapes if cached else {})
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Optional[Task] = None) -> dict:
@@ -128,13 +132,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Op
     lr = schedule.learning_rate(config.optim, steps_per_epoch, total_steps)
     tx = schedule.optimizer(config.optim, lr)
     checkpoints = ckpt_lib.RunCheckpoints(workdir, async_save=config.checkpoint.async_save)
-    state, meta, shardings = _initial_state(config, task, tx, mesh, checkpoints)
+    abstract, shardings = state_lib.layout(task.param_shapes, tx, mesh)
+    train_step, eval_step, step_inputs = task.compile_steps(tx, mesh, shardings)
+    compiled = None
+    if (checkpoints.latest_step() or 0) < total_steps:
+        batch = data.train_spec(task.joined if task.batch_join else {})
+        compiled = _compile_ahead(train_step, with_shardings(abstract, shardings), batch, step_inputs)
+    state, meta = _initial_state(config, task, tx, abstract, shardings, checkpoints)
     start, best = meta["data_position"], meta["best"]
 
-    train_step, eval_step, step_inputs = task.compile_steps(tx, mesh, shardings)
     join = None
     if task.batch_join and start < total_steps:
         join = task.batch_join(data, workdir, state, step_inputs)
+    if compiled is not None:
+        compiled.result()  # raises what compiling raised
     reporter = Reporter(workdir, total_steps, start, config.batch_size)
     run = _Run(config, data, reporter, checkpoints, eval_step, step_inputs, best, join)
     failing = True  # until the end: closing must not hide the error that stops the run
@@ -151,12 +162,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Op
         checkpoints.close(failing)
 
 
-def _initial_state(config, task: Task, tx, mesh, checkpoints):
-    """(state, meta, state shardings): the latest checkpoint if there is one, else a fresh start."""
-    abstract, shardings = state_lib.layout(task.param_shapes, tx, mesh)
+def _compile_ahead(step, *args) -> concurrent.futures.Future:
+    """Traces, lowers and compiles the jitted `step` for `args` (shapes or arrays) on a thread of its
+    own, while this one loads the state and the caches: its first call then finds the executable in
+    JAX's caches. Arguments that differ from the call's only cost a second compile."""
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_ahead")
+    future = pool.submit(lambda: step.lower(*args).compile())
+    pool.shutdown(wait=False)
+    return future
+
+
+def _initial_state(config, task: Task, tx, abstract, shardings, checkpoints):
+    """(state, meta): the latest checkpoint if there is one, else a fresh start."""
     if checkpoints.latest_step() is None:
         state = state_lib.create_state(task.init_params(), tx, jax.random.PRNGKey(config.seed), shardings)
-        return state, {"step": 0, "data_position": 0, "best": {name: None for name in BEST}}, shardings
+        return state, {"step": 0, "data_position": 0, "best": {name: None for name in BEST}}
     abstract_params = with_shardings(abstract.full_params(), shardings.full_params())
     abstract_opt = with_shardings(abstract.opt_state, shardings.opt_state)
     params, opt_state, meta = checkpoints.restore_latest(abstract_params, abstract_opt)
@@ -165,7 +185,7 @@ def _initial_state(config, task: Task, tx, mesh, checkpoints):
         step=state_lib.place(jnp.asarray(meta["step"], jnp.int32), shardings.step), params=trainable,
         frozen=frozen, opt_state=opt_state,
         rng=state_lib.place(np.asarray(meta["rng"], np.uint32), shardings.rng))
-    return state, meta, shardings
+    return state, meta
 
 
 class _Run:
