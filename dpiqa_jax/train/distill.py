@@ -155,4 +155,5 @@ def student_task(config: ml_collections.ConfigDict, teacher_checkpoint: str) -> 
 
     cached = config.student.cache_teacher
     return Task(STUDENT_FILE, spec.to_dict(), None, spec.image_size, shapes, init_params, compile_steps,
-                cached_maps if cached else None, joined if cached else {})
+                cached_maps if cached else None, joined if cached else {},
+                {"teacher": teacher.teacher_config_to_dict(teacher_cfg)})

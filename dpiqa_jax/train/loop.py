@@ -23,7 +23,7 @@ from dpiqa_jax.errors import UserError
 from dpiqa_jax.models.attention import IMPLEMENTATIONS
 from dpiqa_jax.models.dpiqa import DPIQA
 from dpiqa_jax.train import checkpoint as ckpt_lib
-from dpiqa_jax.train import evaluator, example_cache, inputs, metrics, preemption, schedule
+from dpiqa_jax.train import evaluator, example_cache, exported, inputs, metrics, preemption, schedule
 from dpiqa_jax.train import mesh as mesh_lib
 from dpiqa_jax.train import state as state_lib
 from dpiqa_jax.train.config_util import has, require_choice, require_existing
@@ -80,6 +80,8 @@ class Task:
     # train batch (cached outputs of frozen parts), or None; called once before training
     batch_join: Optional[Callable] = None
     joined: dict = dataclasses.field(default_factory=dict)  # the float32 fields it adds: name -> shape
+    # what the steps close over beyond the config and model_dict (a student's teacher), as JSON
+    closes_over: dict = dataclasses.field(default_factory=dict)
 
 
 def teacher_task(config: ml_collections.ConfigDict) -> Task:
@@ -136,8 +138,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Op
     train_step, eval_step, step_inputs = task.compile_steps(tx, mesh, shardings)
     compiled = None
     if (checkpoints.latest_step() or 0) < total_steps:
-        batch = data.train_spec(task.joined if task.batch_join else {})
-        compiled = _compile_ahead(train_step, with_shardings(abstract, shardings), batch, step_inputs)
+        args = (with_shardings(abstract, shardings), data.train_spec(task.joined if task.batch_join else {}),
+                step_inputs)
+        identity = {"config": config.to_json_best_effort(sort_keys=True), "model": task.model_dict,
+                    "closes_over": task.closes_over, "schedule": [steps_per_epoch, total_steps]}
+        compiled = _compile_ahead(train_step, args, identity, mesh)
     state, meta = _initial_state(config, task, tx, abstract, shardings, checkpoints)
     start, best = meta["data_position"], meta["best"]
 
@@ -145,7 +150,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Op
     if task.batch_join and start < total_steps:
         join = task.batch_join(data, workdir, state, step_inputs)
     if compiled is not None:
-        compiled.result()  # raises what compiling raised
+        train_step = compiled.result()  # raises what compiling raised
     reporter = Reporter(workdir, total_steps, start, config.batch_size)
     run = _Run(config, data, reporter, checkpoints, eval_step, step_inputs, best, join)
     failing = True  # until the end: closing must not hide the error that stops the run
@@ -162,12 +167,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Op
         checkpoints.close(failing)
 
 
-def _compile_ahead(step, *args) -> concurrent.futures.Future:
-    """Traces, lowers and compiles the jitted `step` for `args` (shapes or arrays) on a thread of its
-    own, while this one loads the state and the caches: its first call then finds the executable in
-    JAX's caches. Arguments that differ from the call's only cost a second compile."""
+def _compile_ahead(step, args: tuple, identity: dict, mesh) -> concurrent.futures.Future:
+    """The train step to run (the stored program of `exported`, else `step`), compiled for `args`
+    (shapes or arrays) on a thread of its own while this one loads the state and the caches: its
+    first call then finds the executable in JAX's caches. Arguments that differ from the call's
+    only cost a second compile."""
+    def compile_step():
+        ready = exported.train_step(step, args, identity, mesh, exported.default_dir())
+        ready.lower(*args).compile()
+        return ready
+
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_ahead")
-    future = pool.submit(lambda: step.lower(*args).compile())
+    future = pool.submit(compile_step)
     pool.shutdown(wait=False)
     return future
 

@@ -1,0 +1,102 @@
+"""The stored train step (`exported`): the jitted step's own results from a cold and a warm start,
+one program per key, a damaged file made again, and the plain step where export is refused."""
+import os
+
+import jax
+import numpy as np
+import pytest
+from test_train_step import copy, make
+from train_fakes import fake_batch
+
+from dpiqa_jax.train import exported
+from dpiqa_jax.train import mesh as mesh_lib
+
+IDENTITY = {"config": "demo", "schedule": [3, 9]}
+
+
+def setup(batch_size=16):
+    """(plain jitted step, its arguments on the mesh, the mesh)."""
+    mesh = mesh_lib.make_mesh(1)
+    state, step, embeddings = make(mesh=mesh)
+    batch = jax.device_put(fake_batch(batch_size), mesh_lib.batch_sharding(mesh))
+    return step, (state, batch, jax.device_put(embeddings, mesh_lib.replicated(mesh))), mesh
+
+
+def two_steps(step, args):
+    state, batch, embeddings = args
+    state, first = step(copy(state), batch, embeddings)
+    state, second = step(state, batch, embeddings)
+    return state, first, second
+
+
+def refuse(*_args, **_kwargs):
+    raise ValueError("refused\nsecond line")
+
+
+def test_the_stored_step_is_the_jitted_step_from_a_cold_and_a_warm_start(tmp_path, monkeypatch):
+    step, args, mesh = setup()
+    cold = exported.train_step(step, args, IDENTITY, mesh, str(tmp_path))
+    assert isinstance(cold, exported.FlatStep) and len(list(tmp_path.glob("*.bin"))) == 1
+    monkeypatch.setattr(exported.export, "export", refuse)  # a warm start reads, never exports
+    warm = exported.train_step(step, args, IDENTITY, mesh, str(tmp_path))
+    assert isinstance(warm, exported.FlatStep)
+    want = two_steps(step, args)
+    for got in (two_steps(cold, args), two_steps(warm, args)):
+        jax.tree.map(np.testing.assert_array_equal, got, want)
+    state = copy(args[0])
+    warm(state, *args[1:])
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(state))  # the state is donated
+
+
+def test_each_key_has_its_own_program(tmp_path, monkeypatch):
+    step, args, mesh = setup()
+    exported.train_step(step, args, IDENTITY, mesh, str(tmp_path))
+    exported.train_step(step, args, IDENTITY | {"schedule": [3, 10]}, mesh, str(tmp_path))
+    exported.train_step(step, setup(batch_size=8)[1], IDENTITY, mesh, str(tmp_path))
+    monkeypatch.setattr(exported, "source_digest", lambda: "edited")
+    exported.train_step(step, args, IDENTITY, mesh, str(tmp_path))
+    assert len(list(tmp_path.glob("*.bin"))) == 4
+
+
+def test_a_damaged_program_is_made_again(tmp_path):
+    step, args, mesh = setup()
+    exported.train_step(step, args, IDENTITY, mesh, str(tmp_path))
+    (stored,) = tmp_path.glob("*.bin")
+    size = stored.stat().st_size
+    stored.write_bytes(b"not a program")
+    again = exported.train_step(step, args, IDENTITY, mesh, str(tmp_path))
+    assert stored.stat().st_size == size
+    jax.tree.map(np.testing.assert_array_equal, two_steps(again, args), two_steps(step, args))
+
+
+def test_a_refused_export_leaves_the_plain_step_and_is_remembered(tmp_path, monkeypatch, capsys):
+    step, args, mesh = setup()
+    monkeypatch.setattr(exported.export, "export", refuse)
+    assert exported.train_step(step, args, IDENTITY, mesh, str(tmp_path)) is step
+    (why,) = tmp_path.glob("*.refused")
+    assert why.read_text() == "ValueError: refused\nsecond line\n"
+    assert capsys.readouterr().err.count("\n") == 1
+    monkeypatch.setattr(exported.export, "export", lambda *a, **k: pytest.fail("export tried again"))
+    assert exported.train_step(step, args, IDENTITY, mesh, str(tmp_path)) is step
+
+
+def test_without_a_directory_the_step_is_the_plain_one():
+    step, args, mesh = setup()
+    assert exported.train_step(step, args, IDENTITY, mesh, None) is step
+
+
+def test_the_source_digest_follows_the_package_python_files(tmp_path, monkeypatch):
+    import shutil
+
+    import dpiqa_jax
+
+    copy_root = tmp_path / "dpiqa_jax"
+    shutil.copytree(os.path.dirname(dpiqa_jax.__file__), copy_root)
+    monkeypatch.setattr(dpiqa_jax, "__file__", str(copy_root / "__init__.py"))
+    digest = exported.source_digest.__wrapped__  # uncached
+    before = digest()
+    (copy_root / "notes.txt").write_text("not code")
+    assert digest() == before
+    step_file = copy_root / "train" / "step.py"
+    step_file.write_text(step_file.read_text() + "# edited\n")
+    assert digest() != before
