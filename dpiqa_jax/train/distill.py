@@ -153,7 +153,6 @@ def student_task(config: ml_collections.ConfigDict, teacher_checkpoint: str) -> 
         identity = {"teacher": example_cache.params_digest(inputs), "dtype": config.model.dtype}
         return example_cache.join_from_pass(workdir, "teacher_maps", data, step, inputs, joined, identity)
 
-    cached = config.student.cache_teacher
     return Task(STUDENT_FILE, spec.to_dict(), None, spec.image_size, shapes, init_params, compile_steps,
-                cached_maps if cached else None, joined if cached else {},
+                cached_maps if config.student.cache_teacher else None, joined,
                 {"teacher": teacher.teacher_config_to_dict(teacher_cfg)})

@@ -65,7 +65,7 @@ def train_step(step: Callable, args: tuple, identity: dict, mesh: Mesh, director
     path = os.path.join(directory, _key(identity, args, mesh))
     if os.path.exists(path + ".refused"):
         return step
-    shardings = ([_sharding(leaf) for leaf in jax.tree.leaves(state)], *(_shardings(arg) for arg in rest))
+    shardings = jax.tree.map(lambda x: x.sharding, (jax.tree.leaves(state), *rest))
     outputs = (shardings[0], mesh_lib.replicated(mesh))
     program = _read(path + ".bin")
     if program is None:
@@ -87,6 +87,7 @@ def train_step(step: Callable, args: tuple, identity: dict, mesh: Mesh, director
         os.makedirs(directory, exist_ok=True)
         atomic_write(path + ".bin", lambda f: f.write(blob))
         program = export.deserialize(bytearray(blob))  # the warm start's program, on a cold start too
+
     def stored_step(leaves, *more):  # the name in JAX's logs and profiles
         return program.call(leaves, *more)
 
@@ -99,18 +100,8 @@ def _read(path: str):
     try:
         with open(path, "rb") as f:
             return export.deserialize(bytearray(f.read()))
-    except FileNotFoundError:
+    except Exception:  # noqa: BLE001 -- no file, or a damaged one: the program is made again
         return None
-    except Exception:  # noqa: BLE001 -- a damaged file is a miss: the program is made again
-        return None
-
-
-def _sharding(leaf):
-    return leaf.sharding
-
-
-def _shardings(tree):
-    return jax.tree.map(_sharding, tree)
 
 
 @functools.lru_cache(maxsize=None)

@@ -79,7 +79,7 @@ class Task:
     # (data, workdir, state, the steps' extra input) -> a function that adds fields to each host-local
     # train batch (cached outputs of frozen parts), or None; called once before training
     batch_join: Optional[Callable] = None
-    joined: dict = dataclasses.field(default_factory=dict)  # the float32 fields it adds: name -> shape
+    joined: dict = dataclasses.field(default_factory=dict)  # the float32 fields a join adds: name -> shape
     # what the steps close over beyond the config and model_dict (a student's teacher), as JSON
     closes_over: dict = dataclasses.field(default_factory=dict)
 
@@ -114,10 +114,9 @@ def teacher_task(config: ml_collections.ConfigDict) -> Task:
                                             functools.partial(posterior_step, model=model),
                                             state.full_params(), shapes, identity)
 
-    cached = config.model.cache_posteriors
     return Task(MODEL_FILE, teacher.teacher_config_to_dict(model_cfg), embeddings, model_cfg.image_size,
                 teacher.param_shapes(model_cfg), init_params, compile_steps,
-                cached_posteriors if cached else None, shapes if cached else {})
+                cached_posteriors if config.model.cache_posteriors else None, shapes)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Optional[Task] = None) -> dict:
@@ -136,14 +135,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Op
     checkpoints = ckpt_lib.RunCheckpoints(workdir, async_save=config.checkpoint.async_save)
     abstract, shardings = state_lib.layout(task.param_shapes, tx, mesh)
     train_step, eval_step, step_inputs = task.compile_steps(tx, mesh, shardings)
+    latest = checkpoints.latest_step()
     compiled = None
-    if (checkpoints.latest_step() or 0) < total_steps:
+    if (latest or 0) < total_steps:
         args = (with_shardings(abstract, shardings), data.train_spec(task.joined if task.batch_join else {}),
                 step_inputs)
         identity = {"config": config.to_json_best_effort(sort_keys=True), "model": task.model_dict,
                     "closes_over": task.closes_over, "schedule": [steps_per_epoch, total_steps]}
         compiled = _compile_ahead(train_step, args, identity, mesh)
-    state, meta = _initial_state(config, task, tx, abstract, shardings, checkpoints)
+    state, meta = _initial_state(config, task, tx, abstract, shardings, checkpoints, latest)
     start, best = meta["data_position"], meta["best"]
 
     join = None
@@ -183,9 +183,9 @@ def _compile_ahead(step, args: tuple, identity: dict, mesh) -> concurrent.future
     return future
 
 
-def _initial_state(config, task: Task, tx, abstract, shardings, checkpoints):
-    """(state, meta): the latest checkpoint if there is one, else a fresh start."""
-    if checkpoints.latest_step() is None:
+def _initial_state(config, task: Task, tx, abstract, shardings, checkpoints, latest: Optional[int]):
+    """(state, meta): the latest checkpoint (step `latest`) if there is one, else a fresh start."""
+    if latest is None:
         state = state_lib.create_state(task.init_params(), tx, jax.random.PRNGKey(config.seed), shardings)
         return state, {"step": 0, "data_position": 0, "best": {name: None for name in BEST}}
     abstract_params = with_shardings(abstract.full_params(), shardings.full_params())
