@@ -2,11 +2,12 @@
 # The figures of the README's speed table, one `speed.py` run each (our code and the authors'
 # PyTorch baseline in the same process), on whatever device JAX and PyTorch see.
 #
-#   benchmarks/gpu_table.sh OUT [RUN ...]     RUN: teacher student cached xla cold warm (default: all, in order)
+#   benchmarks/gpu_table.sh OUT [RUN ...]     RUN: teacher student uncached xla cold warm (default: all, in order)
 #
-#   teacher  teacher training step and inference (the config's defaults: bfloat16, fused attention)
+#   teacher  teacher training step and inference (the config's defaults: bfloat16, fused attention,
+#            cached VAE posteriors)
 #   student  U-Net alone, student distillation step and student inference
-#   cached   teacher training step reading cached VAE posteriors
+#   uncached teacher training step with the VAE's forward pass in the step (no cached posteriors)
 #   xla      teacher training step with XLA's attention instead of the fused kernel
 #   cold     ours alone, teacher training step, into an emptied compilation cache (OUT/jax_cache)
 #   warm     the same again, reading that cache: its "compile s" is what a warm cache leaves of
@@ -17,10 +18,10 @@
 # e.g. the CPU check of this script:
 #   SPEED_ARGS="--tiny --batch 4 --steps 2 --warmup 1" benchmarks/gpu_table.sh /tmp/table teacher
 set -uo pipefail
-out=${1:?usage: benchmarks/gpu_table.sh OUT [teacher student cached xla cold warm]}
+out=${1:?usage: benchmarks/gpu_table.sh OUT [teacher student uncached xla cold warm]}
 shift
 runs=("$@")
-[ ${#runs[@]} -gt 0 ] || runs=(teacher student cached xla cold warm)
+[ ${#runs[@]} -gt 0 ] || runs=(teacher student uncached xla cold warm)
 speed=$(dirname "$0")/speed.py
 repo=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"  # dpiqa_jax from this checkout, installed or not
@@ -33,11 +34,11 @@ for run in "${runs[@]}"; do
   case $run in
     teacher) args=(--jobs teacher_train teacher_infer) ;;
     student) args=(--jobs unet student_distill student_infer) ;;
-    cached) args=(--jobs teacher_train --cache-posteriors on) ;;
+    uncached) args=(--jobs teacher_train --cache-posteriors off) ;;
     xla) args=(--jobs teacher_train --attention xla) ;;
     cold) rm -rf "$out/jax_cache"; env=("${cache[@]}"); args=(--jobs teacher_train --no-baseline) ;;
     warm) env=("${cache[@]}"); args=(--jobs teacher_train --no-baseline) ;;
-    *) echo "gpu_table.sh: unknown run '$run' (teacher, student, cached, xla, cold, warm)" >&2; exit 2 ;;
+    *) echo "gpu_table.sh: unknown run '$run' (teacher, student, uncached, xla, cold, warm)" >&2; exit 2 ;;
   esac
   start=$SECONDS
   env PYTHONUNBUFFERED=1 "${env[@]}" timeout "${LIMIT:-420}" python3 "$speed" "${args[@]}" "${extra[@]}" \

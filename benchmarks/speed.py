@@ -5,7 +5,9 @@
     python benchmarks/speed.py --tiny --batch 4 --steps 2 --warmup 1   # the CI check: it works, not its speed
 
 Jobs: the teacher's training step, teacher inference, the U-Net alone (forward + backward + Adam),
-the student's distillation step (teacher forward included) and student inference.
+the student's distillation step (teacher forward included) and student inference. As the configs
+say (`model.cache_posteriors`), both training steps read the VAE's posteriors from the batch
+instead of running the VAE (`--cache-posteriors off` puts it back); the baseline runs it.
 
 Ours is the code the trainer runs: the steps of `teacher_task` (dpiqa_jax/train/loop.py) and of
 dpiqa_jax/train/distill.py, on the trainer's mesh, state and shardings, compiled ahead of time (the
@@ -87,8 +89,8 @@ def parse_args(argv=None):
     p.add_argument("--attention", choices=IMPLEMENTATIONS, default="auto",
                    help="our U-Net's attention kernel (model.attention)")
     p.add_argument("--cache-posteriors", choices=("on", "off"),
-                   help="the teacher step reads cached VAE posteriors (model.cache_posteriors; default: "
-                        "the config's, off for SD-1.5, on for --tiny)")
+                   help="the teacher and distillation steps read cached VAE posteriors "
+                        "(model.cache_posteriors; default: the configs': on)")
     p.add_argument("--baseline-amp", choices=("auto", "fp16", "bf16", "off"), default="auto",
                    help="the baseline's autocast: auto = fp16 (+ GradScaler) on CUDA, off (fp32) on the CPU")
     p.add_argument("--no-baseline", action="store_true", help="ours alone (torch is not imported)")
@@ -151,10 +153,10 @@ def load_configs(args):
         config.model.embeddings = None  # random weights, no files
         config.model.dtype = args.dtype or config.model.dtype
         config.model.attention = args.attention
+        if args.cache_posteriors:
+            config.model.cache_posteriors = args.cache_posteriors == "on"
     teacher.model.sd_dir = teacher.model.init_from = None
     teacher.model.remat = args.remat
-    if args.cache_posteriors:
-        teacher.model.cache_posteriors = args.cache_posteriors == "on"
     student.student.imagenet = None
     student.student.cache_teacher = False  # the job times the teacher's forward pass in the step
     return configs
@@ -326,14 +328,15 @@ def place_batch(setup: Setup, mesh, evaluation: bool = False, extra: Optional[di
     return state_lib.place(batch, {key: split for key in batch})
 
 
-def cached_posteriors(setup: Setup, state, mesh) -> dict:
-    """With `model.cache_posteriors` the trainer's batches carry the VAE posteriors (float32),
-    computed once before training (loop.teacher_task); here too, so that the step is the trainer's."""
-    if not setup.teacher_config.model.cache_posteriors:
+def cached_posteriors(setup: Setup, config: ml_collections.ConfigDict, teacher_params, mesh) -> dict:
+    """With `model.cache_posteriors` the trainer's batches (the teacher's and distillation's) carry
+    the VAE posteriors (float32), computed once before training (`loop.posterior_join`); here too,
+    so that the step is the trainer's."""
+    if not config.model.cache_posteriors:
         return {}
-    model = DPIQA(setup.teacher_cfg, dtype=jnp.dtype(setup.teacher_config.model.dtype))
+    model = DPIQA(setup.teacher_cfg, dtype=jnp.dtype(config.model.dtype))
     out = jax.jit(functools.partial(posterior_step, model=model))(
-        state.full_params(), place_batch(setup, mesh, evaluation=True))
+        teacher_params, place_batch(setup, mesh, evaluation=True))
     return {key: np.asarray(out[key], np.float32) for key in POSTERIOR}
 
 
@@ -343,7 +346,7 @@ def ours_teacher_train(setup: Setup, args) -> dict:
     shardings = layout(setup.teacher_params, tx, mesh)
     state = state_lib.create_state(setup.teacher_params, tx, jax.random.PRNGKey(config.seed), shardings)
     train_step, _, embeddings = setup.task.compile_steps(tx, mesh, shardings)
-    batch = place_batch(setup, mesh, extra=cached_posteriors(setup, state, mesh))
+    batch = place_batch(setup, mesh, extra=cached_posteriors(setup, config, state.full_params(), mesh))
     # As the trainer: the stored program where JAX's compilation cache is on (JAX_COMPILATION_CACHE_DIR)
     start = time.perf_counter()
     identity = {"benchmark": "teacher_train", "config": config.to_json_best_effort(sort_keys=True)}
@@ -415,7 +418,7 @@ def ours_student_distill(setup: Setup, args) -> dict:
     train_step, _ = distill.compile_distill_steps(setup.student, teacher_model, tx, mesh, shardings,
                                                   input_shardings, latent_mode=config.model.latents,
                                                   map_weight=config.loss.map_weight)
-    batch = place_batch(setup, mesh)
+    batch = place_batch(setup, mesh, extra=cached_posteriors(setup, config, inputs["teacher"], mesh))
     compiled, compile_s = aot_compile(train_step, state, batch, inputs)
     return jax_result(measure_train_step(compiled, state, (batch, inputs), args), compile_s, compiled)
 

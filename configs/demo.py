@@ -30,7 +30,6 @@ def get_config(arg=None):
     config.model.embeddings = None
     config.model.num_prompts = 64
     config.model.dtype = "float32"
-    config.model.cache_posteriors = True  # the VAE is a third of a step on the CPU
     config.optim.lr = 1e-3
     config.optim.schedule = "cosine"
     config.optim.warmup_steps = 50

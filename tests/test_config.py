@@ -56,11 +56,14 @@ def test_bad_overrides_are_one_line_errors(argv, message):
 def test_student_configs_refuse_the_teacher_training_keys():
     """Distillation takes its teacher whole from --teacher: a teacher key would be silently unused."""
     config = config_util.load_config(str(CONFIGS / "student_koniq10k.py"))
-    for key in ("model.cache_posteriors", "model.remat", "model.sd_dir", "loss.rank_weight", "eval.latents"):
+    for key in ("model.remat", "model.sd_dir", "loss.rank_weight", "eval.latents"):
         with pytest.raises(UserError, match=f"unknown config key '{key}'"):
             config_util.apply_overrides(config, config_util.split_override_args([f"--config.{key}=1"]))
-    config_util.apply_overrides(config, config_util.split_override_args(["--config.model.latents=mean"]))
-    assert config.model.latents == "mean"
+    # kept: the distillation step reads the teacher's cached VAE posteriors (on, as for the teacher)
+    assert config.model.cache_posteriors and not config.student.cache_teacher
+    config_util.apply_overrides(config, config_util.split_override_args(
+        ["--config.model.latents=mean", "--config.model.cache_posteriors=false"]))
+    assert config.model.latents == "mean" and not config.model.cache_posteriors
 
 
 def test_missing_config_file_and_missing_get_config(tmp_path):

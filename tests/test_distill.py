@@ -82,3 +82,37 @@ def check_teacher_cache(workdir, teacher, train_root):
     expected = scorer.feature_maps(batch["image"])
     # float32, another batch size (8 per call here, 24 in the pass): measured 4e-6 of the maps' scale
     assert np.abs(maps - expected).max() <= 2e-5 * np.abs(expected).max() and expected.std() > 0
+
+
+def test_without_cached_maps_distillation_batches_carry_the_teachers_vae_posteriors(smoke_run, train_root,
+                                                                                    tmp_path):
+    """`student.cache_teacher` off, `model.cache_posteriors` on (the authors' student configs): one
+    pass of the teacher's frozen VAE caches the train images' posteriors, the very ones the
+    teacher's own run cached, and the distillation batches carry them (the step's test is in
+    test_train_step)."""
+    from dpiqa_jax.train import distill, inputs, schedule
+    from dpiqa_jax.train import mesh as mesh_lib
+    from dpiqa_jax.train import state as state_lib
+    from dpiqa_jax.train.config_util import apply_overrides, load_config
+    from dpiqa_jax.train.step import POSTERIOR
+
+    config = load_config(STUDENT_SMOKE)
+    apply_overrides(config, [("student.cache_teacher", "false"), ("model.latents", "sample"),
+                             ("dataset.data_dir", str(train_root / "tfds"))])
+    task = distill.student_task(config, str(smoke_run))
+    assert set(task.joined) == set(POSTERIOR)
+    mesh = mesh_lib.make_mesh(1)
+    data = inputs.IQAData(config, task.image_size, mesh)
+    tx = schedule.optimizer(config.optim, schedule.learning_rate(config.optim, 1, 1))
+    _, shardings = state_lib.layout(task.param_shapes, tx, mesh)
+    *_, step_inputs = task.compile_steps(tx, mesh, shardings)
+    join = task.batch_join(data, str(tmp_path), None, step_inputs)
+
+    ours, teachers = tmp_path / "vae_posteriors", smoke_run / "vae_posteriors"
+    assert (ours / "process_0.json").read_text() == (teachers / "process_0.json").read_text()
+    for name in POSTERIOR:
+        cached = np.load(ours / f"process_0.{name}.npy")
+        np.testing.assert_allclose(cached, np.load(teachers / f"process_0.{name}.npy"), rtol=1e-6, atol=1e-7)
+        assert cached.shape[0] == data.num_train and np.std(cached) > 0
+    rows = join({"index": data.train_indices[::-1].astype(np.int32)})
+    np.testing.assert_array_equal(rows[POSTERIOR[0]], np.load(ours / f"process_0.{POSTERIOR[0]}.npy")[::-1])

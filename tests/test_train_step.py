@@ -133,16 +133,22 @@ def optim(**kw):
     return ml_collections.ConfigDict(fields | kw)
 
 
+def distill_state(student, batch: dict, tx) -> tuple[dict, state_lib.TrainState]:
+    """(the student's initial variables, its train state at step 0 with the batch statistics frozen)."""
+    variables = student.init(jax.random.PRNGKey(1), jnp.asarray(batch["image"]))
+    trainable = {"params": variables["params"]}
+    return variables, state_lib.TrainState(step=jnp.array(0), params=trainable, opt_state=tx.init(trainable),
+                                           frozen={"batch_stats": variables["batch_stats"]},
+                                           rng=jax.random.PRNGKey(2))
+
+
 def test_distill_step_is_spec_loss_and_its_gradient():
     # SGD makes the update the gradient itself; the loss, gradient and batch statistics are checked
     # against a direct computation of MSE(score, target) + map_weight * MSE(student map, teacher map).
     batch, embeddings, lr, weight = fake_batch(), jnp.ones((4, 8)), 0.1, 0.7
     teacher, teacher_params, student = FakeTeacher(), fake_params(), FakeStudent()
-    variables = student.init(jax.random.PRNGKey(1), jnp.asarray(batch["image"]))
     tx = optax.sgd(lr)
-    trainable = {"params": variables["params"]}
-    state = state_lib.TrainState(step=jnp.array(0), params=trainable, opt_state=tx.init(trainable),
-                                 frozen={"batch_stats": variables["batch_stats"]}, rng=jax.random.PRNGKey(2))
+    variables, state = distill_state(student, batch, tx)
     inputs = {"teacher": teacher_params, "embeddings": embeddings}
     step = jax.jit(functools.partial(distill_step, student=student, teacher_model=teacher, tx=tx,
                                      latent_mode="mean", map_weight=weight))
@@ -179,6 +185,29 @@ def test_distill_step_is_spec_loss_and_its_gradient():
         np.testing.assert_allclose(got, want, rtol=1e-6)
     assert not np.allclose(new.frozen["batch_stats"]["bn"]["mean"], variables["batch_stats"]["bn"]["mean"])
     assert int(new.step) == 1
+
+
+def test_distill_step_reads_cached_posteriors_as_the_teacher_step_does():
+    """Distillation without cached maps but with the teacher's VAE posteriors in the batch (the
+    authors' configs) makes the step of the VAE run inside it, latents still drawn each step."""
+    batch, embeddings, teacher, student = fake_batch(), jnp.ones((4, 8)), FakeTeacher(), FakeStudent()
+    teacher_params = fake_params()
+    tx = optax.sgd(0.1)  # Adam would turn the rounding noise of the pre-BN bias's zero gradient into +-lr
+    _, state = distill_state(student, batch, tx)
+    inputs = {"teacher": teacher_params, "embeddings": embeddings}
+    step = jax.jit(functools.partial(distill_step, student=student, teacher_model=teacher, tx=tx,
+                                     latent_mode="sample"))
+    out = jax.jit(functools.partial(step_lib.posterior_step, model=teacher))(
+        teacher_params, batch | {"mask": np.ones(16, np.float32)})
+    cached = batch | {key: np.asarray(out[key], np.float32) for key in step_lib.POSTERIOR}
+    plain_state, plain = step(state, batch, inputs)
+    cached_state, got = step(state, cached, inputs)
+    # Two XLA programs: rounding only, which moves the pre-BN bias (zero gradient) by up to 6e-7.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6),
+                 (cached_state, got), (plain_state, plain))
+    assert float(plain["map_loss"]) > 0
+    shifted = cached | {"posterior_mean": cached["posterior_mean"] + 1}
+    assert abs(float(step(state, shifted, inputs)[1]["map_loss"]) - float(plain["map_loss"])) > 1e-3
 
 
 def test_step_decay_lands_after_each_milestone_epoch():

@@ -4,7 +4,9 @@ The loss is SPEC's: MSE(student score, target) + map_weight * MSE(student map, t
 teacher (params and prompt matrix) is an input of the step, never saved with the student; the
 student's batch statistics ride in the state's `frozen` part, updated by the step, not by Adam.
 With `student.cache_teacher` the teacher's maps of the train images are computed once
-(`example_cache`) and ride in the batches as 'teacher_map'; the step then skips the teacher.
+(`example_cache`) and ride in the batches as 'teacher_map'; the step then skips the teacher. Else,
+with `model.cache_posteriors`, the teacher's VAE posteriors ride in the batches as for the
+teacher's own training: the step skips the VAE and still draws the latents.
 """
 import functools
 
@@ -24,16 +26,17 @@ from dpiqa_jax.train import example_cache
 from dpiqa_jax.train import mesh as mesh_lib
 from dpiqa_jax.train import state as state_lib
 from dpiqa_jax.train.config_util import require_existing
-from dpiqa_jax.train.loop import Task
+from dpiqa_jax.train.loop import Task, posterior_join, posterior_shapes
 from dpiqa_jax.train.state import TrainState
-from dpiqa_jax.train.step import encode, latents
+from dpiqa_jax.train.step import latents, posterior
 
 
-def teacher_outputs(teacher_model: DPIQA, inputs: dict, images, rng, latent_mode: str):
-    """The frozen teacher's (score, map) of a batch, as constants of the student's loss."""
+def teacher_outputs(teacher_model: DPIQA, inputs: dict, batch: dict, rng, latent_mode: str):
+    """The frozen teacher's (score, map) of a batch (with its VAE posteriors where cached), as
+    constants of the student's loss."""
     params = inputs["teacher"]
-    z = latents(teacher_model, *encode(teacher_model, params, images), rng, latent_mode)
-    score, fmap = teacher_model.apply({"params": params}, images, z, inputs["embeddings"],
+    z = latents(teacher_model, *posterior(teacher_model, params, batch), rng, latent_mode)
+    score, fmap = teacher_model.apply({"params": params}, batch["image"], z, inputs["embeddings"],
                                       method="from_latents")
     return jax.lax.stop_gradient(score.astype(jnp.float32)), jax.lax.stop_gradient(fmap.astype(jnp.float32))
 
@@ -46,7 +49,7 @@ def distill_step(state: TrainState, batch: dict, inputs: dict, *, student: Stude
     if "teacher_map" in batch:
         teacher_map = batch["teacher_map"].astype(jnp.float32)
     else:
-        _, teacher_map = teacher_outputs(teacher_model, inputs, images, latent_key, latent_mode)
+        _, teacher_map = teacher_outputs(teacher_model, inputs, batch, latent_key, latent_mode)
 
     def loss_fn(params):
         (score, fmap), updates = student.apply(
@@ -68,7 +71,7 @@ def distill_step(state: TrainState, batch: dict, inputs: dict, *, student: Stude
 
 def teacher_map_step(inputs: dict, batch: dict, *, teacher_model: DPIQA) -> dict:
     """The teacher's maps of a (padded) batch with mean latents, for the cache."""
-    _, fmap = teacher_outputs(teacher_model, inputs, batch["image"], None, "mean")
+    _, fmap = teacher_outputs(teacher_model, inputs, batch, None, "mean")
     return {"teacher_map": fmap, "index": batch["index"], "mask": batch["mask"]}
 
 
@@ -123,7 +126,7 @@ def student_task(config: ml_collections.ConfigDict, teacher_checkpoint: str) -> 
     map_shape = jax.eval_shape(student.apply, shapes, jax.ShapeDtypeStruct(
         (1, spec.image_size, spec.image_size, 3), jnp.float32))[1].shape
     teacher_map = (1, teacher_cfg.latent_size, teacher_cfg.latent_size, 8)
-    joined = {"teacher_map": teacher_map[1:]}  # what the cache adds to each example
+    maps = {"teacher_map": teacher_map[1:]}  # what the cache adds to each example
     if map_shape != teacher_map:
         raise UserError(f"the student's feature map {map_shape[1:]} does not match the teacher's "
                         f"{teacher_map[1:]}: set config key 'student.map_channels' to 8")
@@ -151,8 +154,15 @@ def student_task(config: ml_collections.ConfigDict, teacher_checkpoint: str) -> 
         """The train images' teacher maps, from the workdir's cache or one pass of the teacher."""
         step = functools.partial(teacher_map_step, teacher_model=teacher_model)
         identity = {"teacher": example_cache.params_digest(inputs), "dtype": config.model.dtype}
-        return example_cache.join_from_pass(workdir, "teacher_maps", data, step, inputs, joined, identity)
+        return example_cache.join_from_pass(workdir, "teacher_maps", data, step, inputs, maps, identity)
 
+    def cached_posteriors(data, workdir: str, _state, inputs: dict):
+        return posterior_join(data, workdir, teacher_model, inputs["teacher"])
+
+    join, joined = None, {}
+    if config.student.cache_teacher:
+        join, joined = cached_maps, maps
+    elif config.model.cache_posteriors:
+        join, joined = cached_posteriors, posterior_shapes(teacher_cfg)
     return Task(STUDENT_FILE, spec.to_dict(), None, spec.image_size, shapes, init_params, compile_steps,
-                cached_maps if config.student.cache_teacher else None, joined,
-                {"teacher": teacher.teacher_config_to_dict(teacher_cfg)})
+                join, joined, {"teacher": teacher.teacher_config_to_dict(teacher_cfg)})

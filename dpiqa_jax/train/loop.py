@@ -21,7 +21,7 @@ from dpiqa_jax import teacher
 from dpiqa_jax.checkpoints import MODEL_FILE, with_shardings
 from dpiqa_jax.errors import UserError
 from dpiqa_jax.models.attention import IMPLEMENTATIONS
-from dpiqa_jax.models.dpiqa import DPIQA
+from dpiqa_jax.models.dpiqa import DPIQA, TeacherConfig
 from dpiqa_jax.train import checkpoint as ckpt_lib
 from dpiqa_jax.train import evaluator, example_cache, exported, inputs, metrics, preemption, schedule
 from dpiqa_jax.train import mesh as mesh_lib
@@ -79,7 +79,7 @@ class Task:
     # (data, workdir, state, the steps' extra input) -> a function that adds fields to each host-local
     # train batch (cached outputs of frozen parts), or None; called once before training
     batch_join: Optional[Callable] = None
-    joined: dict = dataclasses.field(default_factory=dict)  # the float32 fields a join adds: name -> shape
+    joined: dict = dataclasses.field(default_factory=dict)  # float32 fields batch_join adds: name -> shape
     # what the steps close over beyond the config and model_dict (a student's teacher), as JSON
     closes_over: dict = dataclasses.field(default_factory=dict)
 
@@ -104,19 +104,29 @@ def teacher_task(config: ml_collections.ConfigDict) -> Task:
         eval_step = compile_eval_step(model, mesh, shardings.full_params(), latent_mode=config.eval.latents)
         return train_step, eval_step, state_lib.place(embeddings, mesh_lib.replicated(mesh))
 
-    side = model_cfg.latent_size
-    shapes = dict.fromkeys(POSTERIOR, (side, side, model_cfg.vae.latent_channels))
-
     def cached_posteriors(data, workdir: str, state, _embeddings):
-        """The train images' VAE posteriors, from the workdir's cache or one pass of the frozen VAE."""
-        identity = {"vae": example_cache.params_digest(state.frozen), "dtype": config.model.dtype}
-        return example_cache.join_from_pass(workdir, "vae_posteriors", data,
-                                            functools.partial(posterior_step, model=model),
-                                            state.full_params(), shapes, identity)
+        return posterior_join(data, workdir, model, state.full_params())
 
+    cache = config.model.cache_posteriors
+    join, joined = (cached_posteriors, posterior_shapes(model_cfg)) if cache else (None, {})
     return Task(MODEL_FILE, teacher.teacher_config_to_dict(model_cfg), embeddings, model_cfg.image_size,
-                teacher.param_shapes(model_cfg), init_params, compile_steps,
-                cached_posteriors if config.model.cache_posteriors else None, shapes)
+                teacher.param_shapes(model_cfg), init_params, compile_steps, join, joined)
+
+
+def posterior_shapes(cfg: TeacherConfig) -> dict[str, tuple]:
+    """The cached posterior's fields (`POSTERIOR`) and one image's shape of each."""
+    side = cfg.latent_size
+    return dict.fromkeys(POSTERIOR, (side, side, cfg.vae.latent_channels))
+
+
+def posterior_join(data, workdir: str, model: DPIQA, params: dict) -> Callable[[dict], dict]:
+    """The join of the train images' VAE posteriors (`model`'s VAE with `params['vae']`), from the
+    workdir's cache or one pass of the frozen VAE: the teacher's train step and the distillation
+    step then draw their latents from the batch's posteriors instead of running the VAE."""
+    identity = {"vae": example_cache.params_digest(params["vae"]), "dtype": jnp.dtype(model.dtype).name}
+    return example_cache.join_from_pass(workdir, "vae_posteriors", data,
+                                        functools.partial(posterior_step, model=model), params,
+                                        posterior_shapes(model.config), identity)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Optional[Task] = None) -> dict:
@@ -138,7 +148,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Op
     latest = checkpoints.latest_step()
     compiled = None
     if (latest or 0) < total_steps:
-        args = (with_shardings(abstract, shardings), data.train_spec(task.joined if task.batch_join else {}),
+        args = (with_shardings(abstract, shardings), data.train_spec(task.joined),
                 step_inputs)
         identity = {"config": config.to_json_best_effort(sort_keys=True), "model": task.model_dict,
                     "closes_over": task.closes_over, "schedule": [steps_per_epoch, total_steps]}
