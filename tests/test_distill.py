@@ -85,7 +85,7 @@ def check_teacher_cache(workdir, teacher, train_root):
 
 
 def test_without_cached_maps_distillation_batches_carry_the_teachers_vae_posteriors(smoke_run, train_root,
-                                                                                    tmp_path):
+                                                                                    tmp_path, capfd):
     """`student.cache_teacher` off, `model.cache_posteriors` on (the authors' student configs): one
     pass of the teacher's frozen VAE caches the train images' posteriors, the very ones the
     teacher's own run cached, and the distillation batches carry them (the step's test is in
@@ -107,6 +107,8 @@ def test_without_cached_maps_distillation_batches_carry_the_teachers_vae_posteri
     _, shardings = state_lib.layout(task.param_shapes, tx, mesh)
     *_, step_inputs = task.compile_steps(tx, mesh, shardings)
     join = task.batch_join(data, str(tmp_path), None, step_inputs)
+    said = f"dpiqa-jax: {tmp_path / 'vae_posteriors'}: one pass over the {data.num_train} train examples"
+    assert said in capfd.readouterr().err  # the wait before the first step is explained
 
     ours, teachers = tmp_path / "vae_posteriors", smoke_run / "vae_posteriors"
     assert (ours / "process_0.json").read_text() == (teachers / "process_0.json").read_text()

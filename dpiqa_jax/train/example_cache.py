@@ -11,6 +11,7 @@ shapes are the same, and rebuilds them otherwise.
 import hashlib
 import json
 import os
+import sys
 from typing import Callable, Iterable
 
 import jax
@@ -54,6 +55,9 @@ def load_or_build(workdir: str, folder: str, identity: dict, indices: np.ndarray
                 "shapes": {name: list(shape) for name, shape in shapes.items()}}
     base = os.path.join(workdir, folder, f"process_{jax.process_index()}")
     if _read_identity(base + ".json") != identity:
+        if jax.process_index() == 0:  # the pass comes before the first step: say why it waits
+            print(f"dpiqa-jax: {os.path.join(workdir, folder)}: one pass over the {len(indices)} train "
+                  f"examples, kept for later runs in this workdir", file=sys.stderr)
         _build(base, identity, indices, shapes, compute)
     return ExampleCache(indices, {name: np.load(f"{base}.{name}.npy", mmap_mode="r") for name in shapes})
 
