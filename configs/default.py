@@ -79,5 +79,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
         "latents": "mean",  # deterministic evaluation; 'sample' draws as the authors' code does
     })
     config.checkpoint = ml_collections.ConfigDict({"every": 250, "async_save": True})
+    # where the per-image caches of frozen models go (model.cache_posteriors, student.cache_teacher),
+    # each in a folder named by a digest of what made it: a folder shared by runs makes each cache
+    # once for all of them (same model, dataset, split and image size); None: the workdir
+    config.cache_dir = optional_path()
     config.mesh = ml_collections.ConfigDict({"fsdp": 1})  # > 1 shards params and Adam state over fsdp devices
     return config

@@ -84,3 +84,16 @@ def test_validation_names_bad_choices_and_missing_paths():
     config = config_util.load_config(str(CONFIGS / "koniq10k.py"))
     with pytest.raises(UserError, match="config key 'model.sd_dir': path '~/models/stable-diffusion-v1-5'"):
         validate(config)
+
+
+def test_cache_dir_is_made_and_a_folder_that_cannot_be_is_a_config_error(tmp_path):
+    from dpiqa_jax.train.loop import validate
+
+    config = config_util.load_config(str(CONFIGS / "demo.py"))
+    config.cache_dir = str(tmp_path / "shared" / "caches")
+    validate(config)
+    assert (tmp_path / "shared" / "caches").is_dir()
+    (tmp_path / "a_file").write_text("")
+    config.cache_dir = str(tmp_path / "a_file" / "caches")
+    with pytest.raises(UserError, match=r"'cache_dir': cannot make folder '.*a_file/caches' \(Not a"):
+        validate(config)

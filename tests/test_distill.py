@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from train_helpers import CLI, REPO, check, environment, records, results, run
+from train_helpers import CLI, REPO, cache_folder, check, environment, records, results, run
 
 import dpiqa_jax
 from dpiqa_jax.commands import evaluate as evaluate_command
@@ -70,8 +70,9 @@ def test_distill_smoke_run_then_predict_and_export_its_workdir(smoke_run, train_
 def check_teacher_cache(workdir, teacher, train_root):
     """student_demo caches the teacher's maps: one row per train image, equal to the teacher's own
     mean-latent maps of that image, with the record of what made them."""
-    maps = np.load(workdir / "teacher_maps" / "process_0.teacher_map.npy")
-    identity = json.loads((workdir / "teacher_maps" / "process_0.json").read_text())
+    folder = cache_folder(workdir, "teacher_maps")
+    maps = np.load(folder / "teacher_map.npy")
+    identity = json.loads((folder / "identity.json").read_text())
     assert identity["dataset"] == "synthetic_iqa/tiny"
     assert identity["shapes"] == {"teacher_map": list(maps.shape[1:])}
     scorer = dpiqa_jax.load(str(teacher))
@@ -89,7 +90,7 @@ def test_without_cached_maps_distillation_batches_carry_the_teachers_vae_posteri
     """`student.cache_teacher` off, `model.cache_posteriors` on (the authors' student configs): one
     pass of the teacher's frozen VAE caches the train images' posteriors, the very ones the
     teacher's own run cached, and the distillation batches carry them (the step's test is in
-    test_train_step)."""
+    test_train_step). With the teacher's workdir as `cache_dir`, its cache serves, without a pass."""
     from dpiqa_jax.train import distill, inputs, schedule
     from dpiqa_jax.train import mesh as mesh_lib
     from dpiqa_jax.train import state as state_lib
@@ -107,14 +108,21 @@ def test_without_cached_maps_distillation_batches_carry_the_teachers_vae_posteri
     _, shardings = state_lib.layout(task.param_shapes, tx, mesh)
     *_, step_inputs = task.compile_steps(tx, mesh, shardings)
     join = task.batch_join(data, str(tmp_path), None, step_inputs)
-    said = f"dpiqa-jax: {tmp_path / 'vae_posteriors'}: one pass over the {data.num_train} train examples"
-    assert said in capfd.readouterr().err  # the wait before the first step is explained
+    ours, teachers = cache_folder(tmp_path, "vae_posteriors"), cache_folder(smoke_run, "vae_posteriors")
+    # the wait before the first step is explained
+    assert f"dpiqa-jax: {ours}: one pass over the {data.num_train} train examples" in capfd.readouterr().err
 
-    ours, teachers = tmp_path / "vae_posteriors", smoke_run / "vae_posteriors"
-    assert (ours / "process_0.json").read_text() == (teachers / "process_0.json").read_text()
+    assert ours.name == teachers.name  # made by the same VAE from the same images: the same key
+    assert (ours / "identity.json").read_text() == (teachers / "identity.json").read_text()
     for name in POSTERIOR:
-        cached = np.load(ours / f"process_0.{name}.npy")
-        np.testing.assert_allclose(cached, np.load(teachers / f"process_0.{name}.npy"), rtol=1e-6, atol=1e-7)
+        cached = np.load(ours / f"{name}.npy")
+        np.testing.assert_allclose(cached, np.load(teachers / f"{name}.npy"), rtol=1e-6, atol=1e-7)
         assert cached.shape[0] == data.num_train and np.std(cached) > 0
-    rows = join({"index": data.train_indices[::-1].astype(np.int32)})
-    np.testing.assert_array_equal(rows[POSTERIOR[0]], np.load(ours / f"process_0.{POSTERIOR[0]}.npy")[::-1])
+    backwards = {"index": data.train_indices[::-1].astype(np.int32)}
+    want = np.load(ours / f"{POSTERIOR[0]}.npy")[::-1]
+    np.testing.assert_array_equal(join(backwards)[POSTERIOR[0]], want)
+
+    apply_overrides(config, [("cache_dir", str(smoke_run))])
+    shared = task.batch_join(data, str(tmp_path / "another_run"), None, step_inputs)
+    assert "one pass" not in capfd.readouterr().err and not (tmp_path / "another_run").exists()
+    np.testing.assert_allclose(shared(backwards)[POSTERIOR[0]], want, rtol=1e-6, atol=1e-7)

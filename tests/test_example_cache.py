@@ -1,6 +1,10 @@
 """The per-example cache (teacher maps, VAE posteriors): built once, reused only when the same
-model and examples made it, never used half-written, and joined to batches by example index."""
+model and examples made it, never used half-written, safe to build from several runs at once, and
+joined to batches by example index."""
 import json
+import os
+import socket
+import subprocess
 
 import jax.numpy as jnp
 import numpy as np
@@ -78,12 +82,43 @@ def test_a_build_that_did_not_finish_is_never_used(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         build(tmp_path, {"teacher": "a"}, killed)
-    assert (tmp_path / "maps" / "process_0.map.npy").exists()
-    assert not (tmp_path / "maps" / "process_0.json").exists()
+    (unfinished,) = (tmp_path / "maps").iterdir()  # this process's build folder, never a cache's name
+    assert ".tmp-" in unfinished.name and (unfinished / "map.npy").exists()
     calls = []
     maps = build(tmp_path, {"teacher": "a"}, passes(calls))
     assert len(calls) == 1 and maps.join({"index": np.array([3])})["map"][0, 0, 0, 0] == 3
-    assert json.loads((tmp_path / "maps" / "process_0.json").read_text())["teacher"] == "a"
+    (folder,) = (tmp_path / "maps").iterdir()  # the unfinished build is gone
+    assert json.loads((folder / "identity.json").read_text())["teacher"] == "a"
+
+
+def test_a_damaged_cache_is_rebuilt_and_abandoned_builds_of_this_host_go(tmp_path):
+    """Build folders of processes that no longer exist go (a killed run's); those of live processes
+    (another run building now) and of other hosts (a shared file system) stay."""
+    build(tmp_path, {"teacher": "a"}, passes([]))
+    (folder,) = (tmp_path / "maps").iterdir()
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    stay = [f"{socket.gethostname()}-{os.getppid()}", f"another-host-{ended.pid}"]
+    for suffix in stay + [f"{socket.gethostname()}-{ended.pid}"]:
+        (tmp_path / "maps" / f"{folder.name}.tmp-{suffix}").mkdir()
+    (folder / "identity.json").unlink()  # damaged by hand
+    calls = []
+    maps = build(tmp_path, {"teacher": "a"}, passes(calls))
+    assert len(calls) == 1 and maps.join({"index": np.array([11])})["map"][0, 0, 0, 0] == 11
+    names = sorted(path.name for path in (tmp_path / "maps").iterdir())
+    assert names == sorted([folder.name] + [f"{folder.name}.tmp-{suffix}" for suffix in stay])
+
+
+def test_a_run_that_completes_the_same_cache_second_keeps_the_first(tmp_path):
+    """Two runs that build one cache at once (a sweep sharing a cache_dir): the second to finish
+    drops its copy and the first's files stay in place (their readers have them mapped)."""
+    build(tmp_path, {"teacher": "a"}, passes([]))
+    (folder,) = (tmp_path / "maps").iterdir()
+    first = (folder / "map.npy").stat().st_ino
+    identity = json.loads((folder / "identity.json").read_text())
+    example_cache._build(str(folder), identity, np.sort(INDICES), SHAPES, passes([]))  # the late run
+    assert [path.name for path in (tmp_path / "maps").iterdir()] == [folder.name]
+    assert (folder / "map.npy").stat().st_ino == first
 
 
 def test_a_pass_that_misses_an_example_is_an_error(tmp_path):

@@ -8,7 +8,18 @@ import time
 
 import numpy as np
 import pytest
-from train_helpers import CLI, REPO, check, environment, error_line, records, results, run, train_command
+from train_helpers import (
+    CLI,
+    REPO,
+    cache_folder,
+    check,
+    environment,
+    error_line,
+    records,
+    results,
+    run,
+    train_command,
+)
 
 from dpiqa_jax.teacher import restore_teacher
 
@@ -228,9 +239,9 @@ def test_the_posterior_cache_holds_the_vaes_posteriors_of_the_train_images(smoke
     from dpiqa_jax.models.dpiqa import DPIQA
     from dpiqa_jax.train.step import POSTERIOR
 
-    folder = smoke_run / "vae_posteriors"
-    cached = [np.load(folder / f"process_0.{name}.npy") for name in POSTERIOR]
-    identity = json.loads((folder / "process_0.json").read_text())
+    folder = cache_folder(smoke_run, "vae_posteriors")
+    cached = [np.load(folder / f"{name}.npy") for name in POSTERIOR]
+    identity = json.loads((folder / "identity.json").read_text())
     assert identity["dataset"] == "synthetic_iqa/tiny" and identity["dtype"] == "float32"
     cfg, params, _ = restore_teacher(str(smoke_run))
     batch = next(iter(eval_batches("synthetic_iqa/tiny", "official", batch_size=len(cached[0]), part="train",
@@ -274,7 +285,7 @@ def test_evaluate_command_reproduces_the_best_evaluation(smoke_run, train_root, 
 def test_config_mistakes_are_one_line_errors_before_any_work(train_root, tmp_path):
     workdir = tmp_path / "never"
     for override, message in (
-            ("--config.optim.lrr=1", "unknown config key 'optim.lrr'; valid keys: batch_size, checkpoint."),
+            ("--config.optim.lrr=1", "unknown config key 'optim.lrr'; valid keys: batch_size, cache_dir,"),
             ("--config.batch_size=x", "config key 'batch_size' takes a int, got 'x'"),
             ("--config.model.sd_dir=/no/such/sd", "config key 'model.sd_dir': path '/no/such/sd' does not")):
         result = run(train_command(workdir, train_root, override), environment(train_root), timeout=120)

@@ -77,6 +77,14 @@ def results(workdir: Path) -> dict:
         return json.load(f)
 
 
+def cache_folder(root: Path, kind: str) -> Path:
+    """The one complete per-example cache of `kind` ('vae_posteriors', 'teacher_maps') under `root`
+    (a workdir or a config's cache_dir)."""
+    folders = [path.parent for path in (root / kind).glob("*/identity.json")]
+    assert len(folders) == 1, folders
+    return folders[0]
+
+
 def error_line(stderr: str, command: str) -> str:
     """The one error line of a failed `dpiqa-jax COMMAND`. Orbax's and tensorstore's threads may
     still print tracebacks (of the reads or writes cut short) around it, even mid-line."""

@@ -117,6 +117,20 @@ def require_existing(config: ml_collections.ConfigDict, key: str) -> None:
         raise UserError(f"config key {key!r}: path {value!r} does not exist")
 
 
+def require_folder(config: ml_collections.ConfigDict, key: str) -> None:
+    """A folder setting, when set, must be a folder that exists or can be made, and is writable."""
+    value = get(config, key)
+    if value is None:
+        return
+    path = os.path.expanduser(value)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"config key {key!r}: cannot make folder {value!r} ({error.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"config key {key!r}: folder {value!r} is not writable")
+
+
 def has(config: ml_collections.ConfigDict, key: str) -> bool:
     try:
         get(config, key)

@@ -2,15 +2,20 @@
 
 Two users: distillation's teacher maps (`student.cache_teacher`) and the teacher's VAE posteriors
 (`model.cache_posteriors`). Both are functions of the image alone, the same at every step, so one
-pass over the train part replaces a frozen forward pass in every step. Each process keeps its own
-copy in `WORKDIR/FOLDER/process_N.NAME.npy` (float32, read as memory maps); `process_N.json`
-beside them says which model and examples made them and is written last, so files without it (a
-killed build) are never used. A rerun reuses the files when the model, the train examples and the
-shapes are the same, and rebuilds them otherwise.
+pass over the train part replaces a frozen forward pass in every step.
+
+A cache is the folder `ROOT/KIND/KEY/` (`ROOT` the workdir, or the config's `cache_dir` shared by
+runs), `KEY` a digest of what made it: the model's parameters, the dataset, the train examples,
+the image size, the shapes. It holds `NAME.npy` (float32, read as memory maps) and `identity.json`
+(that record). Each process builds in a folder of its own and renames it into place when complete,
+so a killed build is never used, and runs that build the same cache at once each keep a whole one
+(the first rename wins; on a shared file system the others drop theirs).
 """
 import hashlib
 import json
 import os
+import shutil
+import socket
 import sys
 from typing import Callable, Iterable
 
@@ -45,24 +50,33 @@ class ExampleCache:
         return {**batch, **{name: np.asarray(array[rows]) for name, array in self.arrays.items()}}
 
 
-def load_or_build(workdir: str, folder: str, identity: dict, indices: np.ndarray, shapes: dict[str, tuple],
+IDENTITY = "identity.json"
+
+
+def load_or_build(root: str, kind: str, identity: dict, indices: np.ndarray, shapes: dict[str, tuple],
                   compute: Callable[[], Iterable[dict]]) -> ExampleCache:
-    """The cache in `workdir/folder` if `identity` (what made it) matches, else a new one from
-    `compute()`: batches {NAME: ..., 'index', 'mask'} (host arrays), one NAME per entry of `shapes`
-    (an example's shape), that cover every index of `indices`."""
+    """The cache of `identity` (what made it) under `root/kind`, built from `compute()` if there is
+    none: batches {NAME: ..., 'index', 'mask'} (host arrays), one NAME per entry of `shapes` (an
+    example's shape), that cover every index of `indices`."""
     indices = np.sort(np.asarray(indices, np.int64))
     identity = {**identity, "examples": hashlib.sha256(indices.tobytes()).hexdigest(),
                 "shapes": {name: list(shape) for name, shape in shapes.items()}}
-    base = os.path.join(workdir, folder, f"process_{jax.process_index()}")
-    if _read_identity(base + ".json") != identity:
+    folder = cache_folder(root, kind, identity)
+    if _read_identity(folder) != identity:
         if jax.process_index() == 0:  # the pass comes before the first step: say why it waits
-            print(f"dpiqa-jax: {os.path.join(workdir, folder)}: one pass over the {len(indices)} train "
-                  f"examples, kept for later runs in this workdir", file=sys.stderr)
-        _build(base, identity, indices, shapes, compute)
-    return ExampleCache(indices, {name: np.load(f"{base}.{name}.npy", mmap_mode="r") for name in shapes})
+            print(f"dpiqa-jax: {folder}: one pass over the {len(indices)} train examples, kept for "
+                  f"later runs", file=sys.stderr)
+        _build(folder, identity, indices, shapes, compute)
+    return ExampleCache(indices, {name: np.load(os.path.join(folder, f"{name}.npy"), mmap_mode="r")
+                                  for name in shapes})
 
 
-def join_from_pass(workdir: str, folder: str, data, step: Callable, inputs, shapes: dict[str, tuple],
+def cache_folder(root: str, kind: str, identity: dict) -> str:
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+    return os.path.join(os.path.expanduser(root), kind, key)
+
+
+def join_from_pass(root: str, kind: str, data, step: Callable, inputs, shapes: dict[str, tuple],
                    identity: dict) -> Callable[[dict], dict]:
     """The join of the cache that `step(inputs, eval batch)` fills in one pass over `data`'s train
     part (`step` returns `shapes`' names, 'index' and 'mask'; `inputs` are on the mesh). `identity`
@@ -73,15 +87,16 @@ def join_from_pass(workdir: str, folder: str, data, step: Callable, inputs, shap
                      out_shardings=mesh_lib.replicated(data.mesh))
     identity = {**identity, "dataset": data.name, "image_size": data.image_size}
     compute = lambda: (mesh_lib.host_values(jitted(inputs, batch)) for batch in data.eval_batches("train"))
-    return load_or_build(workdir, folder, identity, data.train_indices, shapes, compute).join
+    return load_or_build(root, kind, identity, data.train_indices, shapes, compute).join
 
 
-def _build(base: str, identity: dict, indices: np.ndarray, shapes: dict[str, tuple], compute) -> None:
-    """Writes `base`.NAME.npy from `compute()`, then `base`.json (the mark of complete files)."""
-    os.makedirs(os.path.dirname(base), exist_ok=True)
-    if os.path.exists(base + ".json"):
-        os.remove(base + ".json")  # the arrays below are about to change
-    arrays = {name: np.lib.format.open_memmap(f"{base}.{name}.npy", mode="w+", dtype=np.float32,
+def _build(folder: str, identity: dict, indices: np.ndarray, shapes: dict[str, tuple], compute) -> None:
+    """Fills a folder of this process's with NAME.npy from `compute()` and `identity.json`, then
+    renames it to `folder`."""
+    tmp = f"{folder}.tmp-{socket.gethostname()}-{os.getpid()}"
+    _remove_abandoned(folder)
+    os.makedirs(tmp)
+    arrays = {name: np.lib.format.open_memmap(os.path.join(tmp, f"{name}.npy"), mode="w+", dtype=np.float32,
                                               shape=(len(indices), *shape))
               for name, shape in shapes.items()}
     filled = np.zeros(len(indices), bool)
@@ -95,12 +110,43 @@ def _build(base: str, identity: dict, indices: np.ndarray, shapes: dict[str, tup
         raise RuntimeError(f"the pass over the train part missed {int((~filled).sum())} examples")
     for array in arrays.values():
         array.flush()
-    atomic_write(base + ".json", lambda f: f.write(json.dumps(identity, indent=1).encode()))
-
-
-def _read_identity(path: str):
+    del arrays
+    atomic_write(os.path.join(tmp, IDENTITY), lambda f: f.write(json.dumps(identity, indent=1).encode()))
     try:
-        with open(path) as f:
+        os.rename(tmp, folder)
+    except OSError:  # `folder` exists: complete (another run's, the same arrays) or not
+        if _read_identity(folder) == identity:
+            shutil.rmtree(tmp)
+            return
+        shutil.rmtree(folder, ignore_errors=True)  # damaged by hand: ours replaces it
+        os.rename(tmp, folder)
+
+
+def _remove_abandoned(folder: str) -> None:
+    """Removes this host's build folders of `folder` whose process is gone (killed builds), and
+    this process's own."""
+    prefix = f"{os.path.basename(folder)}.tmp-{socket.gethostname()}-"
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    for name in os.listdir(parent):
+        pid = name[len(prefix):] if name.startswith(prefix) else ""
+        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # no signal: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        pass
+    return True
+
+
+def _read_identity(folder: str):
+    try:
+        with open(os.path.join(folder, IDENTITY)) as f:
             return json.load(f)
     except (OSError, ValueError):
         return None

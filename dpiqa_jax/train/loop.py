@@ -26,7 +26,7 @@ from dpiqa_jax.train import checkpoint as ckpt_lib
 from dpiqa_jax.train import evaluator, example_cache, exported, inputs, metrics, preemption, schedule
 from dpiqa_jax.train import mesh as mesh_lib
 from dpiqa_jax.train import state as state_lib
-from dpiqa_jax.train.config_util import has, require_choice, require_existing
+from dpiqa_jax.train.config_util import has, require_choice, require_existing, require_folder
 from dpiqa_jax.train.report import Reporter
 from dpiqa_jax.train.step import LATENTS, POSTERIOR, compile_eval_step, compile_train_step, posterior_step
 
@@ -49,6 +49,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in ("model.sd_dir", "model.embeddings", "model.init_from", "dataset.manual_dir"):
         if has(config, key):
             require_existing(config, key)
+    require_folder(config, "cache_dir")
 
 
 def prompt_embeddings(config: ml_collections.ConfigDict, embed_dim: int) -> np.ndarray:
@@ -105,7 +106,7 @@ def teacher_task(config: ml_collections.ConfigDict) -> Task:
         return train_step, eval_step, state_lib.place(embeddings, mesh_lib.replicated(mesh))
 
     def cached_posteriors(data, workdir: str, state, _embeddings):
-        return posterior_join(data, workdir, model, state.full_params())
+        return posterior_join(data, config.cache_dir or workdir, model, state.full_params())
 
     cache = config.model.cache_posteriors
     join, joined = (cached_posteriors, posterior_shapes(model_cfg)) if cache else (None, {})
@@ -119,12 +120,12 @@ def posterior_shapes(cfg: TeacherConfig) -> dict[str, tuple]:
     return dict.fromkeys(POSTERIOR, (side, side, cfg.vae.latent_channels))
 
 
-def posterior_join(data, workdir: str, model: DPIQA, params: dict) -> Callable[[dict], dict]:
+def posterior_join(data, root: str, model: DPIQA, params: dict) -> Callable[[dict], dict]:
     """The join of the train images' VAE posteriors (`model`'s VAE with `params['vae']`), from the
-    workdir's cache or one pass of the frozen VAE: the teacher's train step and the distillation
+    cache under `root` or one pass of the frozen VAE: the teacher's train step and the distillation
     step then draw their latents from the batch's posteriors instead of running the VAE."""
     identity = {"vae": example_cache.params_digest(params["vae"]), "dtype": jnp.dtype(model.dtype).name}
-    return example_cache.join_from_pass(workdir, "vae_posteriors", data,
+    return example_cache.join_from_pass(root, "vae_posteriors", data,
                                         functools.partial(posterior_step, model=model), params,
                                         posterior_shapes(model.config), identity)
 
