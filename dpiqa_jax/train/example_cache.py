@@ -8,8 +8,8 @@ A cache is the folder `ROOT/KIND/KEY/` (`ROOT` the workdir, or the config's `cac
 runs), `KEY` a digest of what made it: the model's parameters, the dataset, the train examples,
 the image size, the shapes. It holds `NAME.npy` (float32, read as memory maps) and `identity.json`
 (that record). Each process builds in a folder of its own and renames it into place when complete,
-so a killed build is never used, and runs that build the same cache at once each keep a whole one
-(the first rename wins; on a shared file system the others drop theirs).
+so a killed build is never used; when runs (or the processes of one run) build the same cache at
+once, the first to finish renames its folder into place and the others drop theirs.
 """
 import hashlib
 import json
@@ -72,6 +72,7 @@ def load_or_build(root: str, kind: str, identity: dict, indices: np.ndarray, sha
 
 
 def cache_folder(root: str, kind: str, identity: dict) -> str:
+    """`root/kind/KEY`, KEY a digest of `identity`."""
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
     return os.path.join(os.path.expanduser(root), kind, key)
 
