@@ -80,6 +80,35 @@ def test_a_refused_export_leaves_the_plain_step_and_is_remembered(tmp_path, monk
     assert exported.train_step(step, args, IDENTITY, mesh, str(tmp_path)) is step
 
 
+@pytest.mark.parametrize("config_file, changes, same", [
+    ("demo.py", {"dataset.split": "random", "dataset.data_dir": "/d", "eval.every": "7",
+                 "eval.latents": "sample", "checkpoint.every": "9", "log_every": "1", "seed": "3",
+                 "cache_dir": "/c"}, True),
+    ("demo.py", {"optim.lr": "0.5"}, False),
+    ("demo.py", {"model.dtype": "bfloat16"}, False),
+    ("demo.py", {"model.latents": "mean"}, False),
+    ("demo.py", {"loss.rank_weight": "1.0"}, False),
+    ("student_demo.py", {"dataset.split": "random", "eval.every": "7", "seed": "3"}, True),
+    ("student_demo.py", {"loss.map_weight": "0.5"}, False),
+    ("student_demo.py", {"student.variant": "b1"}, False),
+])
+def test_the_stored_program_follows_what_the_train_step_is_built_from(config_file, changes, same):
+    """Runs that differ only in what the step is given (split, paths, evaluation, checkpoints,
+    logging, seed) share a program; a change to what builds it (optimiser, model, loss) never does."""
+    from types import SimpleNamespace
+
+    from train_helpers import REPO
+
+    from dpiqa_jax.train.config_util import apply_overrides, load_config
+    from dpiqa_jax.train.loop import step_identity
+
+    task = SimpleNamespace(model_dict={"latent_size": 8}, closes_over={"teacher": {"latent_size": 8}})
+    configs = [load_config(str(REPO / "configs" / config_file)) for _ in range(2)]
+    apply_overrides(configs[1], list(changes.items()))
+    base, changed = (step_identity(config, task, 3, 9) for config in configs)
+    assert (base == changed) is same
+
+
 def test_without_a_directory_the_step_is_the_plain_one():
     step, args, mesh = setup()
     assert exported.train_step(step, args, IDENTITY, mesh, None) is step

@@ -31,6 +31,10 @@ from dpiqa_jax.train.report import Reporter
 from dpiqa_jax.train.step import LATENTS, POSTERIOR, compile_eval_step, compile_train_step, posterior_step
 
 BEST = {"best_srcc": "srcc", "best_plcc": "plcc"}
+# The config groups that the train steps are built from (the teacher's: model, optim, loss; the
+# student's also student); the rest (data, evaluation, checkpoints, logging, seed, cache folder)
+# changes what the step is given, never the step.
+STEP_GROUPS = ("model", "optim", "loss", "student")
 EVAL_SEED = 0x5EED  # eval draws ('sample' latents) use fold_in(PRNGKey(seed), EVAL_SEED), then the batch
 
 
@@ -151,9 +155,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Op
     if (latest or 0) < total_steps:
         args = (with_shardings(abstract, shardings), data.train_spec(task.joined),
                 step_inputs)
-        identity = {"config": config.to_json_best_effort(sort_keys=True), "model": task.model_dict,
-                    "closes_over": task.closes_over, "schedule": [steps_per_epoch, total_steps]}
-        compiled = _compile_ahead(train_step, args, identity, mesh)
+        compiled = _compile_ahead(train_step, args, step_identity(config, task, steps_per_epoch, total_steps),
+                                  mesh)
     state, meta = _initial_state(config, task, tx, abstract, shardings, checkpoints, latest)
     start, best = meta["data_position"], meta["best"]
 
@@ -176,6 +179,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Op
     finally:
         reporter.close()
         checkpoints.close(failing)
+
+
+def step_identity(config: ml_collections.ConfigDict, task: Task, steps_per_epoch: int,
+                  total_steps: int) -> dict:
+    """All that the train step closes over beyond its arguments' shapes (the stored program's key in
+    `exported`): its config groups, the model, what the task adds (a student's teacher) and the
+    schedule's lengths. A run that differs elsewhere (another split, workdir, evaluation period,
+    seed) finds the same program."""
+    groups = {name: config[name].to_dict() for name in STEP_GROUPS if name in config}
+    return {"config": groups, "model": task.model_dict, "closes_over": task.closes_over,
+            "schedule": [steps_per_epoch, total_steps]}
 
 
 def _compile_ahead(step, args: tuple, identity: dict, mesh) -> concurrent.futures.Future:
