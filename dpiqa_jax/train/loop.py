@@ -153,8 +153,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Op
     latest = checkpoints.latest_step()
     compiled = None
     if (latest or 0) < total_steps:
-        args = (with_shardings(abstract, shardings), data.train_spec(task.joined),
-                step_inputs)
+        args = (with_shardings(abstract, shardings), data.train_spec(task.joined), step_inputs)
         compiled = _compile_ahead(train_step, args, step_identity(config, task, steps_per_epoch, total_steps),
                                   mesh)
     state, meta = _initial_state(config, task, tx, abstract, shardings, checkpoints, latest)
