@@ -1,0 +1,105 @@
+"""Issue 7's startup figure: seconds from `dpiqa-jax train` to the end of its first step, as the
+command itself prints it, with cold or warm caches.
+
+    python benchmarks/startup.py OUT/start_cold.json --cache OUT/start_cache --cold   # emptied first
+    python benchmarks/startup.py OUT/start_warm.json --cache OUT/start_cache          # then again
+    python benchmarks/startup.py OUT/check.json --cache /tmp/c --config configs/demo.py:smoke  # CPU
+
+The run is the full-size teacher of `--config` (default configs/default.py: SD-1.5, 512 px, batch
+16) with random weights (no model files) on the built-in synthetic images, in a new workdir, with
+JAX's compilation cache (and the stored train step beside it) and the per-image caches under
+`--cache`: what a rerun with the same config finds, against what a first run finds. The run is
+killed once its first step is done. No JAX in this process: the command has the device to itself.
+"""
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DATASET = "synthetic_iqa/tiny"  # built by dpiqa_jax from nothing: no download
+FIRST_STEP = re.compile(r"first step done ([0-9.]+) s after the command started")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("output", help="the result as JSON")
+    p.add_argument("--cache", required=True, help="JAX's compilation cache and the per-image caches")
+    p.add_argument("--cold", action="store_true", help="empty --cache first")
+    p.add_argument("--config", default=str(REPO / "configs" / "default.py"))
+    p.add_argument("--data-dir", help=f"where {DATASET} is prepared (default: --cache/tfds; not emptied)")
+    p.add_argument("--limit", type=float, default=600, help="seconds before the command is given up")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout`: the command goes with us
+    cache = Path(args.cache).resolve()
+    data_dir = Path(args.data_dir or cache.parent / "tfds").resolve()
+    if args.cold:
+        shutil.rmtree(cache, ignore_errors=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache / "xla"), PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    # Prepared before the clock starts: a user's dataset is prepared once, long before.
+    prepare = f"import dpiqa_jax.data.source as s; s.prepare({DATASET!r}, {str(data_dir)!r})"
+    subprocess.run([sys.executable, "-c", prepare], env=env, check=True, capture_output=True)
+    with tempfile.TemporaryDirectory(dir=cache.parent, prefix="startup_workdir_") as workdir:
+        seconds, log = first_step(train_command(args.config, workdir, data_dir, cache), env, args.limit)
+    device = subprocess.run([sys.executable, "-c", "import jax; print(jax.devices()[0].device_kind)"],
+                            env=env, capture_output=True, text=True).stdout.strip()
+    result = {"config": args.config, "cold": args.cold, "first_step_s": seconds, "device": device,
+              "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
+    if seconds is None:
+        print(f"startup: no first step (the command failed or ran past {args.limit:.0f} s); its output "
+              f"ends:\n{log[-3000:]}", file=sys.stderr)
+        return 1
+    print(f"command to first step: {seconds:.1f} s ({'cold' if args.cold else 'warm'} caches, {device})")
+    return 0
+
+
+def train_command(config: str, workdir: str, data_dir: Path, cache: Path) -> list[str]:
+    overrides = {"dataset.name": DATASET, "dataset.manual_dir": "none", "dataset.data_dir": data_dir,
+                 "dataset.split": "official", "model.sd_dir": "none", "model.embeddings": "none",
+                 "model.init_from": "none", "cache_dir": cache / "examples", "num_steps": 100_000,
+                 "eval.every": 100_000, "checkpoint.every": 100_000}
+    return [sys.executable, "-m", "dpiqa_jax.cli", "train", "--config", config, "--workdir", workdir,
+            *(f"--config.{key}={value}" for key, value in overrides.items())]
+
+
+def first_step(command: list[str], env: dict, limit: float) -> tuple:
+    """(the seconds the command printed for its first step, or None if it failed or ran past
+    `limit`; its output so far). The command is killed then, with all it started."""
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    watchdog = threading.Timer(limit, os.killpg, (process.pid, signal.SIGKILL))  # ends the read below
+    watchdog.start()
+    lines, seconds = [], None
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            found = FIRST_STEP.search(line)
+            if found:
+                seconds = float(found.group(1))
+                break
+    finally:
+        watchdog.cancel()
+        with contextlib.suppress(ProcessLookupError):  # no evaluation, no checkpoint: the figure is taken
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    return seconds, "".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

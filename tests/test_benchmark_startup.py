@@ -1,0 +1,31 @@
+"""benchmarks/startup.py run as gpu_table.sh runs it, on the CPU with the demo's tiny teacher: the
+command's own first-step figure reported, the caches where it says, and nothing left running."""
+import json
+import subprocess
+import sys
+
+import pytest
+from train_helpers import REPO, environment
+
+pytest_plugins = ("train_fixtures",)  # the session fixture train_root (synthetic_iqa/tiny prepared)
+pytestmark = pytest.mark.slow  # one cold compile of the tiny train step
+
+
+def test_a_cold_start_reports_the_commands_first_step_and_leaves_nothing_running(train_root, tmp_path):
+    cache = tmp_path / "start_cache"
+    (cache / "stale").mkdir(parents=True)  # --cold empties the folder
+    command = [sys.executable, "benchmarks/startup.py", str(tmp_path / "cold.json"), "--cache", str(cache),
+               "--cold", "--config", str(REPO / "configs" / "demo.py") + ":smoke",
+               "--data-dir", str(train_root / "tfds"), "--limit", "300"]
+    result = subprocess.run(command, cwd=REPO, env=environment(train_root), capture_output=True, text=True,
+                            timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "cold.json").read_text())
+    assert report["cold"] and report["device"] == "cpu" and 0 < report["first_step_s"] < 300
+    assert f"command to first step: {report['first_step_s']:.1f} s (cold caches, cpu)" in result.stdout
+    assert not (cache / "stale").exists()
+    assert list((cache / "xla" / "dpiqa_steps").glob("*.bin"))  # the stored step, for a warm start
+    assert list((cache / "examples" / "vae_posteriors").glob("*/identity.json"))
+    assert not list(tmp_path.glob("startup_workdir_*"))  # the run's workdir is gone
+    running = subprocess.run(["pgrep", "-f", str(cache)], capture_output=True, text=True).stdout
+    assert not running.strip(), running
