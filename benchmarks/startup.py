@@ -53,7 +53,10 @@ def main(argv=None) -> int:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     # Prepared before the clock starts: a user's dataset is prepared once, long before.
     prepare = f"import dpiqa_jax.data.source as s; s.prepare({DATASET!r}, {str(data_dir)!r})"
-    subprocess.run([sys.executable, "-c", prepare], env=env, check=True, capture_output=True)
+    prepared = subprocess.run([sys.executable, "-c", prepare], env=env, capture_output=True, text=True)
+    if prepared.returncode:
+        print(f"startup: preparing {DATASET} failed:\n{prepared.stderr[-3000:]}", file=sys.stderr)
+        return 1
     with tempfile.TemporaryDirectory(dir=cache.parent, prefix="startup_workdir_") as workdir:
         seconds, log = first_step(train_command(args.config, workdir, data_dir, cache), env, args.limit)
     device = subprocess.run([sys.executable, "-c", "import jax; print(jax.devices()[0].device_kind)"],
