@@ -3,6 +3,7 @@ command's own first-step figure reported, the caches where it says, and nothing 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from train_helpers import REPO, environment
@@ -27,5 +28,17 @@ def test_a_cold_start_reports_the_commands_first_step_and_leaves_nothing_running
     assert list((cache / "xla" / "dpiqa_steps").glob("*.bin"))  # the stored step, for a warm start
     assert list((cache / "examples" / "vae_posteriors").glob("*/identity.json"))
     assert not list(tmp_path.glob("startup_workdir_*"))  # the run's workdir is gone
-    running = subprocess.run(["pgrep", "-f", str(cache)], capture_output=True, text=True).stdout
-    assert not running.strip(), running
+    assert not running_with(str(cache))  # the command and all it started were killed
+
+
+def running_with(text: str) -> list[str]:
+    """The command lines of this machine's processes that contain `text`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # ended meanwhile
+            continue
+        if text in args:
+            found.append(args)
+    return found
