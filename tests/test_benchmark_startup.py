@@ -1,6 +1,7 @@
 """benchmarks/startup.py run as gpu_table.sh runs it, on the CPU with the demo's tiny teacher: the
 command's own first-step figure reported, the caches where it says, and nothing left running."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,9 +33,11 @@ def test_a_cold_start_reports_the_commands_first_step_and_leaves_nothing_running
 
 
 def running_with(text: str) -> list[str]:
-    """The command lines of this machine's processes that contain `text`."""
+    """The command lines of this machine's other processes that contain `text`."""
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        if cmdline.parent.name == str(os.getpid()):
+            continue
         try:
             args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:  # ended meanwhile
