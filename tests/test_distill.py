@@ -95,6 +95,7 @@ def test_without_cached_maps_distillation_batches_carry_the_teachers_vae_posteri
     from dpiqa_jax.train import mesh as mesh_lib
     from dpiqa_jax.train import state as state_lib
     from dpiqa_jax.train.config_util import apply_overrides, load_config
+    from dpiqa_jax.train.loop import cache_root
     from dpiqa_jax.train.step import POSTERIOR
 
     config = load_config(STUDENT_SMOKE)
@@ -107,7 +108,7 @@ def test_without_cached_maps_distillation_batches_carry_the_teachers_vae_posteri
     tx = schedule.optimizer(config.optim, schedule.learning_rate(config.optim, 1, 1))
     _, shardings = state_lib.layout(task.param_shapes, tx, mesh)
     *_, step_inputs = task.compile_steps(tx, mesh, shardings)
-    join = task.batch_join(data, str(tmp_path), None, step_inputs)
+    join = task.batch_join(data, cache_root(config, str(tmp_path)), None, step_inputs)
     ours, teachers = cache_folder(tmp_path, "vae_posteriors"), cache_folder(smoke_run, "vae_posteriors")
     # the wait before the first step is explained
     assert f"dpiqa-jax: {ours}: one pass over the {data.num_train} train examples" in capfd.readouterr().err
@@ -123,6 +124,6 @@ def test_without_cached_maps_distillation_batches_carry_the_teachers_vae_posteri
     np.testing.assert_array_equal(join(backwards)[POSTERIOR[0]], want)
 
     apply_overrides(config, [("cache_dir", str(smoke_run))])
-    shared = task.batch_join(data, str(tmp_path / "another_run"), None, step_inputs)
+    shared = task.batch_join(data, cache_root(config, str(tmp_path / "another_run")), None, step_inputs)
     assert "one pass" not in capfd.readouterr().err and not (tmp_path / "another_run").exists()
     np.testing.assert_allclose(shared(backwards)[POSTERIOR[0]], want, rtol=1e-6, atol=1e-7)

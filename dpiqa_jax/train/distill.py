@@ -150,15 +150,14 @@ def student_task(config: ml_collections.ConfigDict, teacher_checkpoint: str) -> 
                                       map_weight=config.loss.map_weight)
         return (*steps, inputs)
 
-    def cached_maps(data, workdir: str, _state, inputs: dict):
-        """The train images' teacher maps, from the workdir's cache or one pass of the teacher."""
+    def cached_maps(data, root: str, _state, inputs: dict):
+        """The train images' teacher maps, from the cache under `root` or one pass of the teacher."""
         step = functools.partial(teacher_map_step, teacher_model=teacher_model)
         identity = {"teacher": example_cache.params_digest(inputs), "dtype": config.model.dtype}
-        return example_cache.join_from_pass(config.cache_dir or workdir, "teacher_maps", data, step, inputs,
-                                            maps, identity)
+        return example_cache.join_from_pass(root, "teacher_maps", data, step, inputs, maps, identity)
 
-    def cached_posteriors(data, workdir: str, _state, inputs: dict):
-        return posterior_join(data, config.cache_dir or workdir, teacher_model, inputs["teacher"])
+    def cached_posteriors(data, root: str, _state, inputs: dict):
+        return posterior_join(data, root, teacher_model, inputs["teacher"])
 
     join, joined = None, {}
     if config.student.cache_teacher:

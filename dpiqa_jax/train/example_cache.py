@@ -95,6 +95,7 @@ def _build(folder: str, identity: dict, indices: np.ndarray, shapes: dict[str, t
     """Fills a folder of this process's with NAME.npy from `compute()` and `identity.json`, then
     renames it to `folder`."""
     tmp = f"{folder}.tmp-{socket.gethostname()}-{os.getpid()}"
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
     _remove_abandoned(folder)
     os.makedirs(tmp)
     arrays = {name: np.lib.format.open_memmap(os.path.join(tmp, f"{name}.npy"), mode="w+", dtype=np.float32,
@@ -128,7 +129,6 @@ def _remove_abandoned(folder: str) -> None:
     this process's own."""
     prefix = f"{os.path.basename(folder)}.tmp-{socket.gethostname()}-"
     parent = os.path.dirname(folder)
-    os.makedirs(parent, exist_ok=True)
     for name in os.listdir(parent):
         pid = name[len(prefix):] if name.startswith(prefix) else ""
         if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):

@@ -81,8 +81,8 @@ class Task:
     init_params: Callable[[], Any]
     # (tx, mesh, state shardings) -> (train step, eval step, the steps' extra input placed on the mesh)
     compile_steps: Callable
-    # (data, workdir, state, the steps' extra input) -> a function that adds fields to each host-local
-    # train batch (cached outputs of frozen parts), or None; called once before training
+    # (data, cache root (`cache_root`), state, the steps' extra input) -> a function that adds fields
+    # to each host-local train batch (cached outputs of frozen parts), or None; called once before training
     batch_join: Optional[Callable] = None
     joined: dict = dataclasses.field(default_factory=dict)  # float32 fields batch_join adds: name -> shape
     # what the steps close over beyond the config and model_dict (a student's teacher), as JSON
@@ -109,8 +109,8 @@ def teacher_task(config: ml_collections.ConfigDict) -> Task:
         eval_step = compile_eval_step(model, mesh, shardings.full_params(), latent_mode=config.eval.latents)
         return train_step, eval_step, state_lib.place(embeddings, mesh_lib.replicated(mesh))
 
-    def cached_posteriors(data, workdir: str, state, _embeddings):
-        return posterior_join(data, config.cache_dir or workdir, model, state.full_params())
+    def cached_posteriors(data, root: str, state, _embeddings):
+        return posterior_join(data, root, model, state.full_params())
 
     cache = config.model.cache_posteriors
     join, joined = (cached_posteriors, posterior_shapes(model_cfg)) if cache else (None, {})
@@ -161,7 +161,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Op
 
     join = None
     if task.batch_join and start < total_steps:
-        join = task.batch_join(data, workdir, state, step_inputs)
+        join = task.batch_join(data, cache_root(config, workdir), state, step_inputs)
     if compiled is not None:
         train_step = compiled.result()  # raises what compiling raised
     reporter = Reporter(workdir, total_steps, start, config.batch_size)
@@ -178,6 +178,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Op
     finally:
         reporter.close()
         checkpoints.close(failing)
+
+
+def cache_root(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Where the run's per-image caches go: the config's `cache_dir`, shared by runs, else the workdir."""
+    return config.cache_dir or workdir
 
 
 def step_identity(config: ml_collections.ConfigDict, task: Task, steps_per_epoch: int,
