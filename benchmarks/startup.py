@@ -28,6 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 DATASET = "synthetic_iqa/tiny"  # built by dpiqa_jax from nothing: no download
 FIRST_STEP = re.compile(r"first step done ([0-9.]+) s after the command started")
+DEVICE = re.compile(r"dpiqa-jax: [0-9]+ devices? \((.*?)\) in ")  # the run's own first line
 
 
 def parse_args(argv=None):
@@ -59,8 +60,8 @@ def main(argv=None) -> int:
         return 1
     with tempfile.TemporaryDirectory(dir=cache.parent, prefix="startup_workdir_") as workdir:
         seconds, log = first_step(train_command(args.config, workdir, data_dir, cache), env, args.limit)
-    device = subprocess.run([sys.executable, "-c", "import jax; print(jax.devices()[0].device_kind)"],
-                            env=env, capture_output=True, text=True).stdout.strip()
+    device = DEVICE.search(log)
+    device = device.group(1) if device else None
     result = {"config": args.config, "cold": args.cold, "first_step_s": seconds, "device": device,
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     Path(args.output).write_text(json.dumps(result, indent=1) + "\n")

@@ -111,7 +111,7 @@ def test_without_cached_maps_distillation_batches_carry_the_teachers_vae_posteri
     join = task.batch_join(data, cache_root(config, str(tmp_path)), None, step_inputs)
     ours, teachers = cache_folder(tmp_path, "vae_posteriors"), cache_folder(smoke_run, "vae_posteriors")
     # the wait before the first step is explained
-    assert f"dpiqa-jax: {ours}: one pass over the {data.num_train} train examples" in capfd.readouterr().err
+    assert f"dpiqa-jax: {ours}: one pass over the {data.num_train} train examples" in capfd.readouterr().out
 
     assert ours.name == teachers.name  # made by the same VAE from the same images: the same key
     assert (ours / "identity.json").read_text() == (teachers / "identity.json").read_text()
@@ -125,5 +125,5 @@ def test_without_cached_maps_distillation_batches_carry_the_teachers_vae_posteri
 
     apply_overrides(config, [("cache_dir", str(smoke_run))])
     shared = task.batch_join(data, cache_root(config, str(tmp_path / "another_run")), None, step_inputs)
-    assert "one pass" not in capfd.readouterr().err and not (tmp_path / "another_run").exists()
+    assert "one pass" not in capfd.readouterr().out and not (tmp_path / "another_run").exists()
     np.testing.assert_allclose(shared(backwards)[POSTERIOR[0]], want, rtol=1e-6, atol=1e-7)

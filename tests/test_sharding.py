@@ -74,9 +74,15 @@ def test_smoke_run_as_2_processes_of_2_devices_with_fsdp_matches_1_device(train_
     procs = [subprocess.Popen(train_command(workdir, train_root, "--config.mesh.fsdp=2") + [
         "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
         env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outputs = [p.communicate(timeout=900)[1] for p in procs]
+    outputs = [p.communicate(timeout=900) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(f"process {i}: {err[-2000:]}"
-                                                             for i, err in enumerate(outputs))
+                                                             for i, (_, err) in enumerate(outputs))
+    # Process 0 says that both processes and their 4 devices joined (Gloo's own lines come first);
+    # process 1 prints no status.
+    said = [line for line in outputs[0][0].splitlines() if line.startswith("dpiqa-jax: ")]
+    assert said[0].startswith("dpiqa-jax: 4 devices (cpu) in 2 processes, mesh data 2 x fsdp 2; "
+                              "batch 16 (4 per device)"), outputs[0][0][:1000]
+    assert "dpiqa-jax:" not in outputs[1][0]
     assert_same_run(request.getfixturevalue("smoke_run"), workdir)
 
 

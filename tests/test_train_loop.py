@@ -107,7 +107,11 @@ def test_sigterm_saves_the_current_step_and_a_rerun_resumes(smoke_run, train_roo
                     f"command again to resume")
     assert 3 <= step < 12 and (workdir / "checkpoints" / "latest" / str(step)).is_dir()
     assert not (workdir / "results.json").exists()
-    check(run(train_command(workdir, train_root), environment(train_root)))
+    run_line = ("dpiqa-jax: 1 device (cpu) in 1 process, mesh data 1 x fsdp 1; batch 16 (16 per device), "
+                "24 train images; steps: 12 (1 per epoch), ")
+    assert stdout.startswith(run_line + "from step 0\n"), stdout[:500]
+    rerun = check(run(train_command(workdir, train_root), environment(train_root)))
+    assert rerun.stdout.startswith(run_line + f"resuming after step {step}\n"), rerun.stdout[:500]
     assert_same_results(workdir, smoke_run)
     assert without_fit(records(workdir, "test")) == without_fit(records(smoke_run, "test"))
     later = lambda rows: [r for r in without_clock(rows) if r["step"] > 6]  # noqa: E731 (full windows)

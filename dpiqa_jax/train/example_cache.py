@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import socket
-import sys
 from typing import Callable, Iterable
 
 import jax
@@ -65,7 +64,7 @@ def load_or_build(root: str, kind: str, identity: dict, indices: np.ndarray, sha
     if _read_identity(folder) != identity:
         if jax.process_index() == 0:  # the pass comes before the first step: say why it waits
             print(f"dpiqa-jax: {folder}: one pass over the {len(indices)} train examples, kept for "
-                  f"later runs", file=sys.stderr)
+                  f"later runs", flush=True)
         _build(folder, identity, indices, shapes, compute)
     return ExampleCache(indices, {name: np.load(os.path.join(folder, f"{name}.npy"), mmap_mode="r")
                                   for name in shapes})

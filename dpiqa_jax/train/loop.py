@@ -23,11 +23,10 @@ from dpiqa_jax.errors import UserError
 from dpiqa_jax.models.attention import IMPLEMENTATIONS
 from dpiqa_jax.models.dpiqa import DPIQA, TeacherConfig
 from dpiqa_jax.train import checkpoint as ckpt_lib
-from dpiqa_jax.train import evaluator, example_cache, exported, inputs, metrics, preemption, schedule
+from dpiqa_jax.train import evaluator, example_cache, exported, inputs, metrics, preemption, report, schedule
 from dpiqa_jax.train import mesh as mesh_lib
 from dpiqa_jax.train import state as state_lib
 from dpiqa_jax.train.config_util import has, require_choice, require_existing, require_folder
-from dpiqa_jax.train.report import Reporter
 from dpiqa_jax.train.step import LATENTS, POSTERIOR, compile_eval_step, compile_train_step, posterior_step
 
 BEST = {"best_srcc": "srcc", "best_plcc": "plcc"}
@@ -151,6 +150,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Op
     abstract, shardings = state_lib.layout(task.param_shapes, tx, mesh)
     train_step, eval_step, step_inputs = task.compile_steps(tx, mesh, shardings)
     latest = checkpoints.latest_step()
+    if jax.process_index() == 0:
+        print(report.run_line(mesh, config.batch_size, data.num_train, steps_per_epoch, total_steps, latest),
+              flush=True)
     compiled = None
     if (latest or 0) < total_steps:
         args = (with_shardings(abstract, shardings), data.train_spec(task.joined), step_inputs)
@@ -164,7 +166,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Op
         join = task.batch_join(data, cache_root(config, workdir), state, step_inputs)
     if compiled is not None:
         train_step = compiled.result()  # raises what compiling raised
-    reporter = Reporter(workdir, total_steps, start, config.batch_size)
+    reporter = report.Reporter(workdir, total_steps, start, config.batch_size)
     run = _Run(config, data, reporter, checkpoints, eval_step, step_inputs, best, join)
     failing = True  # until the end: closing must not hide the error that stops the run
     try:

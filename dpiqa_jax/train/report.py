@@ -88,6 +88,20 @@ class Reporter:
         self._tb.flush()
 
 
+def run_line(mesh, batch_size: int, num_train: int, steps_per_epoch: int, total_steps: int,
+             latest: Optional[int]) -> str:
+    """One line that says what the run runs on and for how long: a multi-host launch shows here
+    whether every process and device joined, and a rerun whether it resumes."""
+    devices, processes = mesh.devices.size, jax.process_count()
+    kind = mesh.devices.flat[0].device_kind
+    where = f"resuming after step {latest}" if latest else "from step 0"
+    mesh_axes = " x ".join(f"{name} {size}" for name, size in mesh.shape.items())
+    return (f"dpiqa-jax: {devices} device{'s' * (devices > 1)} ({kind}) in {processes} "
+            f"process{'es' * (processes > 1)}, mesh {mesh_axes}; batch {batch_size} "
+            f"({batch_size // devices} per device), {num_train} train images; steps: {total_steps} "
+            f"({steps_per_epoch} per epoch), {where}")
+
+
 def _plain(value):
     if hasattr(value, "item"):
         value = value.item()
