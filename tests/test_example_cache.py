@@ -5,10 +5,12 @@ import json
 import os
 import socket
 import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from train_helpers import REPO, free_port
 
 from dpiqa_jax.data.pipeline import PAD
 from dpiqa_jax.train import example_cache
@@ -116,7 +118,8 @@ def test_a_run_that_completes_the_same_cache_second_keeps_the_first(tmp_path):
     (folder,) = (tmp_path / "maps").iterdir()
     first = (folder / "map.npy").stat().st_ino
     identity = json.loads((folder / "identity.json").read_text())
-    example_cache._build(str(folder), identity, np.sort(INDICES), SHAPES, passes([]))  # the late run
+    late_run = passes([])
+    example_cache._build(str(folder), identity, np.sort(INDICES), SHAPES, late_run, write=True)
     assert [path.name for path in (tmp_path / "maps").iterdir()] == [folder.name]
     assert (folder / "map.npy").stat().st_ino == first
 
@@ -124,6 +127,32 @@ def test_a_run_that_completes_the_same_cache_second_keeps_the_first(tmp_path):
 def test_a_pass_that_misses_an_example_is_an_error(tmp_path):
     with pytest.raises(RuntimeError, match="missed 1 examples"):
         build(tmp_path, {"teacher": "a"}, passes([]), np.append(INDICES, 40))
+
+
+def test_processes_that_lack_the_cache_all_take_part_in_its_pass_and_each_copy_is_written_once(tmp_path):
+    """Two jax.distributed processes whose pass is a collective: on a root they share, process 0
+    alone writes; on roots of their own, each writes its copy; when only process 1 lacks its copy
+    (a replaced host with a local cache_dir), both run the pass (before: process 1 waited alone in
+    the collective) and only process 1 writes; with every copy there, no pass."""
+    port = free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+               PYTHONPATH=str(REPO / "tests"))
+    script = str(REPO / "tests" / "example_cache_script.py")
+    procs = [subprocess.Popen([sys.executable, script, str(port), str(i), str(tmp_path)], env=env, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    wrote = {case: [r[case]["wrote"] for r in reports] for case in reports[0]}
+    assert wrote == {"shared": [True, False], "own": [True, True], "one_lacks": [False, True],
+                     "all_have": [False, False]}
+    assert [[r[case]["pass"] for case in r] for r in reports] == [[True, True, True, False]] * 2
+    assert all(r[case]["rows"] == [0, 2, 4, 6, 8, 10] for r in reports for case in r)
+    assert len(list((tmp_path / "shared" / "values").iterdir())) == 1  # the cache alone: no probe, no copy
 
 
 def test_params_digest_tells_teachers_apart():
@@ -135,8 +164,6 @@ def test_params_digest_tells_teachers_apart():
 
 
 def test_the_cache_with_drawn_latents_is_a_config_error():
-    from train_helpers import REPO
-
     from dpiqa_jax.errors import UserError
     from dpiqa_jax.train.config_util import load_config
     from dpiqa_jax.train.distill import student_task

@@ -7,9 +7,11 @@ pass over the train part replaces a frozen forward pass in every step.
 A cache is the folder `ROOT/KIND/KEY/` (`ROOT` the workdir, or the config's `cache_dir` shared by
 runs), `KEY` a digest of what made it: the model's parameters, the dataset, the train examples,
 the image size, the shapes. It holds `NAME.npy` (float32, read as memory maps) and `identity.json`
-(that record). Each process builds in a folder of its own and renames it into place when complete,
-so a killed build is never used; when runs (or the processes of one run) build the same cache at
-once, the first to finish renames its folder into place and the others drop theirs.
+(that record). A build writes a folder of its own and renames it into place when complete, so a
+killed build is never used; when runs build the same cache at once, the first to finish renames
+its folder into place and the others drop theirs. The processes of a multi-host run decide
+together: the pass runs when any of them lacks the cache, and process 0 writes for every process
+that sees its files (a shared file system), the others for themselves (a local `cache_dir`).
 """
 import hashlib
 import json
@@ -21,6 +23,7 @@ from typing import Callable, Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from dpiqa_jax.train import mesh as mesh_lib
 from dpiqa_jax.train.checkpoint import atomic_write
@@ -56,16 +59,30 @@ def load_or_build(root: str, kind: str, identity: dict, indices: np.ndarray, sha
                   compute: Callable[[], Iterable[dict]]) -> ExampleCache:
     """The cache of `identity` (what made it) under `root/kind`, built from `compute()` if there is
     none: batches {NAME: ..., 'index', 'mask'} (host arrays), one NAME per entry of `shapes` (an
-    example's shape), that cover every index of `indices`."""
+    example's shape), that cover every index of `indices`. With several processes `compute()` is a
+    collective: they all run it when any of them lacks the cache, and only those that lack it and do
+    not see process 0's files write a copy (on a shared file system, process 0 alone)."""
     indices = np.sort(np.asarray(indices, np.int64))
     identity = {**identity, "examples": hashlib.sha256(indices.tobytes()).hexdigest(),
                 "shapes": {name: list(shape) for name, shape in shapes.items()}}
     folder = cache_folder(root, kind, identity)
-    if _read_identity(folder) != identity:
-        if jax.process_index() == 0:  # the pass comes before the first step: say why it waits
+    lacking = np.array([_read_identity(folder) != identity])
+    several = jax.process_count() > 1
+    if several:
+        lacking = multihost_utils.process_allgather(lacking).ravel()  # every process's answer, in order
+    if lacking.any():
+        me = jax.process_index()
+        if me == 0:  # the pass comes before the first step: say why it waits
             print(f"dpiqa-jax: {folder}: one pass over the {len(indices)} train examples, kept for "
                   f"later runs", flush=True)
-        _build(folder, identity, indices, shapes, compute)
+        # Process 0 writes for those that see its files; the others that lack the cache, for themselves.
+        shared = several and _sees_process_0s_files(os.path.dirname(folder))
+        write = bool(lacking[me]) and (me == 0 or not shared or not lacking[0])
+        _build(folder, identity, indices, shapes, compute, write)
+        if several:
+            multihost_utils.sync_global_devices(f"example cache built: {kind}")
+            if _read_identity(folder) != identity:
+                raise RuntimeError(f"{folder}: process 0 built this cache, but this process cannot read it")
     return ExampleCache(indices, {name: np.load(os.path.join(folder, f"{name}.npy"), mmap_mode="r")
                                   for name in shapes})
 
@@ -90,9 +107,14 @@ def join_from_pass(root: str, kind: str, data, step: Callable, inputs, shapes: d
     return load_or_build(root, kind, identity, data.train_indices, shapes, compute).join
 
 
-def _build(folder: str, identity: dict, indices: np.ndarray, shapes: dict[str, tuple], compute) -> None:
+def _build(folder: str, identity: dict, indices: np.ndarray, shapes: dict[str, tuple], compute,
+           write: bool) -> None:
     """Fills a folder of this process's with NAME.npy from `compute()` and `identity.json`, then
-    renames it to `folder`."""
+    renames it to `folder`; without `write`, only runs `compute()` (a collective of the processes)."""
+    if not write:
+        for _ in compute():
+            pass
+        return
     tmp = f"{folder}.tmp-{socket.gethostname()}-{os.getpid()}"
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     _remove_abandoned(folder)
@@ -121,6 +143,22 @@ def _build(folder: str, identity: dict, indices: np.ndarray, shapes: dict[str, t
             return
         shutil.rmtree(folder, ignore_errors=True)  # damaged by hand: ours replaces it
         os.rename(tmp, folder)
+
+
+def _sees_process_0s_files(parent: str) -> bool:
+    """Whether this process sees the files that process 0 writes in `parent` (a file system they
+    share); True on process 0. A collective: every process calls it."""
+    os.makedirs(parent, exist_ok=True)
+    token = multihost_utils.broadcast_one_to_all(np.frombuffer(os.urandom(8), np.uint8))
+    probe = os.path.join(parent, f".probe-{bytes(np.asarray(token, np.uint8)).hex()}")
+    if jax.process_index() == 0:
+        open(probe, "w").close()
+    multihost_utils.sync_global_devices("example cache probe written")  # the same name on every process
+    seen = os.path.exists(probe)
+    multihost_utils.sync_global_devices("example cache probe looked for")
+    if jax.process_index() == 0:
+        os.remove(probe)
+    return seen
 
 
 def _remove_abandoned(folder: str) -> None:
