@@ -155,6 +155,44 @@ def test_processes_that_lack_the_cache_all_take_part_in_its_pass_and_each_copy_i
     assert len(list((tmp_path / "shared" / "values").iterdir())) == 1  # the cache alone: no probe, no copy
 
 
+def test_the_disk_space_of_a_cache_is_reserved_before_its_pass(tmp_path):
+    """A disk that fills up while mapped pages are written kills the process (SIGBUS): the build
+    takes its space when it starts, so that a full disk is an error then."""
+    shape = (64, 64, 8)  # a teacher map: 128 KiB per example, which a sparse file would not hold yet
+
+    def compute():
+        for path in (tmp_path / "maps").glob("*.tmp-*/map.npy"):
+            reserved.append(path.stat().st_blocks * 512 >= path.stat().st_size)
+        yield {"map": np.ones((len(INDICES), *shape), np.float32), "index": INDICES,
+               "mask": np.ones(len(INDICES), np.float32)}
+
+    reserved = []
+    build(tmp_path, {"teacher": "a"}, compute, shapes={"map": shape})
+    assert reserved == [True]
+
+
+def test_a_cache_with_no_room_on_its_disk_is_a_one_line_error(tmp_path):
+    """The file system refuses the space (here a file-size limit, as a full disk or a quota would):
+    one line naming the folder, the size and the reason, before the pass; nothing left behind."""
+    script = f"""
+import resource, numpy as np
+from dpiqa_jax.errors import UserError
+from dpiqa_jax.train import example_cache
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+try:
+    example_cache.load_or_build({str(tmp_path)!r}, "maps", {{}}, np.arange(4), {{"map": (256, 512)}}, None)
+except UserError as error:
+    print(error)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (folder,) = [line for line in result.stdout.splitlines() if not line.startswith("dpiqa-jax:")]
+    assert folder.startswith(str(tmp_path / "maps")), folder
+    assert folder.endswith(": no room for this cache (2.0 MiB): File too large; free space there or set "
+                           "cache_dir to another folder"), folder
+    assert list((tmp_path / "maps").iterdir()) == []
+
+
 def test_params_digest_tells_teachers_apart():
     params = {"a": jnp.arange(6.0).reshape(2, 3), "b": {"c": jnp.ones(4)}}
     same = {"a": jnp.arange(6.0).reshape(2, 3), "b": {"c": jnp.ones(4)}}

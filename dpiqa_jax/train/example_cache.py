@@ -13,8 +13,10 @@ its folder into place and the others drop theirs. The processes of a multi-host 
 together: the pass runs when any of them lacks the cache, and process 0 writes for every process
 that sees its files (a shared file system), the others for themselves (a local `cache_dir`).
 """
+import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -25,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from dpiqa_jax.errors import UserError
 from dpiqa_jax.train import mesh as mesh_lib
 from dpiqa_jax.train.checkpoint import atomic_write
 
@@ -119,9 +122,7 @@ def _build(folder: str, identity: dict, indices: np.ndarray, shapes: dict[str, t
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     _remove_abandoned(folder)
     os.makedirs(tmp)
-    arrays = {name: np.lib.format.open_memmap(os.path.join(tmp, f"{name}.npy"), mode="w+", dtype=np.float32,
-                                              shape=(len(indices), *shape))
-              for name, shape in shapes.items()}
+    arrays = _allocate(folder, tmp, {name: (len(indices), *shape) for name, shape in shapes.items()})
     filled = np.zeros(len(indices), bool)
     for batch in compute():
         keep = batch["mask"].astype(bool) & np.isin(batch["index"], indices)
@@ -143,6 +144,27 @@ def _build(folder: str, identity: dict, indices: np.ndarray, shapes: dict[str, t
             return
         shutil.rmtree(folder, ignore_errors=True)  # damaged by hand: ours replaces it
         os.rename(tmp, folder)
+
+
+def _allocate(folder: str, tmp: str, shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
+    """float32 arrays NAME.npy in `tmp` as writable memory maps, their disk space reserved now: on a
+    disk that fills up during the pass, a write to a mapped page would kill the process (SIGBUS)."""
+    try:
+        arrays = {}
+        for name, shape in shapes.items():
+            path = os.path.join(tmp, f"{name}.npy")
+            arrays[name] = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+            with open(path, "r+b") as f:
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        return arrays
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        size = sum(4 * math.prod(shape) for shape in shapes.values())
+        size = f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+        raise UserError(f"{folder}: no room for this cache ({size}): {error.strerror}; free space there or "
+                        f"set cache_dir to another folder") from None
 
 
 def _sees_process_0s_files(parent: str) -> bool:
