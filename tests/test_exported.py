@@ -1,5 +1,7 @@
 """The stored train step (`exported`): the jitted step's own results from a cold and a warm start,
-one program per key, a damaged file made again, and the plain step where export is refused."""
+one program per key, a damaged file made again, the plain step where export is refused, and the
+run going on where the program cannot be written."""
+import errno
 import os
 
 import jax
@@ -10,6 +12,7 @@ from train_fakes import fake_batch
 
 from dpiqa_jax.train import exported
 from dpiqa_jax.train import mesh as mesh_lib
+from dpiqa_jax.train.checkpoint import atomic_write
 
 IDENTITY = {"config": "demo", "schedule": [3, 9]}
 
@@ -78,6 +81,31 @@ def test_a_refused_export_leaves_the_plain_step_and_is_remembered(tmp_path, monk
     assert capsys.readouterr().err.count("\n") == 1
     monkeypatch.setattr(exported.export, "export", lambda *a, **k: pytest.fail("export tried again"))
     assert exported.train_step(step, args, IDENTITY, mesh, str(tmp_path)) is step
+
+
+def test_a_program_that_cannot_be_stored_still_runs_and_says_why(tmp_path, capsys):
+    """Storing the program is a cache: where it cannot be written (here a file stands where its folder
+    should be; a full disk likewise) the run goes on with it, and one line says why."""
+    step, args, mesh = setup()
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file, not a folder")
+    ready = exported.train_step(step, args, IDENTITY, mesh, str(blocked))
+    err = capsys.readouterr().err
+    assert err.startswith("dpiqa-jax: cannot keep the train step's program for the next start: [Errno 17]")
+    assert err.count("\n") == 1 and blocked.read_text() == "a file, not a folder"
+    jax.tree.map(np.testing.assert_array_equal, two_steps(ready, args), two_steps(step, args))
+
+
+def test_a_write_that_fails_leaves_neither_a_partial_file_nor_its_temporary(tmp_path):
+    """`atomic_write` (the stored programs, the caches' identity files, the workdir's model files)."""
+    def full_disk(f):
+        f.write(b"the first part")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    (tmp_path / "kept").write_bytes(b"before")
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write(str(tmp_path / "kept"), full_disk)
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and (tmp_path / "kept").read_bytes() == b"before"
 
 
 @pytest.mark.parametrize("config_file, changes, same", [

@@ -12,6 +12,7 @@ Each folder keeps one orbax step; orbax writes a step to a temporary folder and 
 complete, and deletes the previous step only afterwards, so a kill at any moment leaves the last
 complete checkpoint restorable.
 """
+import contextlib
 import functools
 import json
 import os
@@ -125,6 +126,11 @@ def write_model_files(workdir: str, model_file: str, model_dict: dict, embedding
 def atomic_write(path: str, write) -> None:
     """`write(binary file)` into a temporary file renamed to `path`: `path` never holds a partial file."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise

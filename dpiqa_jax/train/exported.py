@@ -78,14 +78,11 @@ def train_step(step: Callable, args: tuple, identity: dict, mesh: Mesh, director
         try:
             blob = export.export(flat, disabled_checks=checks)(jax.tree.leaves(state), *rest).serialize()
         except Exception as error:  # noqa: BLE001 -- any refusal leaves the plain step, which works
-            why = f"{type(error).__name__}: {error}\n".encode()
-            os.makedirs(directory, exist_ok=True)
-            atomic_write(path + ".refused", lambda f: f.write(why))
+            _store(path + ".refused", f"{type(error).__name__}: {error}\n".encode())
             print(f"dpiqa-jax: the train step cannot be stored as a program, so every start traces it "
                   f"(why: {path}.refused)", file=sys.stderr)
             return step
-        os.makedirs(directory, exist_ok=True)
-        atomic_write(path + ".bin", lambda f: f.write(blob))
+        _store(path + ".bin", blob)
         program = export.deserialize(bytearray(blob))  # the warm start's program, on a cold start too
 
     def stored_step(leaves, *more):  # the name in JAX's logs and profiles
@@ -93,6 +90,15 @@ def train_step(step: Callable, args: tuple, identity: dict, mesh: Mesh, director
 
     call = jax.jit(stored_step, in_shardings=shardings, out_shardings=outputs, donate_argnums=(0,))
     return FlatStep(call, treedef)
+
+
+def _store(path: str, data: bytes) -> None:
+    """Writes `data` to `path`, or says why it cannot (a full disk): a cache must not stop the run."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write(path, lambda f: f.write(data))
+    except OSError as error:
+        print(f"dpiqa-jax: cannot keep the train step's program for the next start: {error}", file=sys.stderr)
 
 
 def _read(path: str):
