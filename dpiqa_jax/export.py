@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpiqa_jax import tf_runtime
 from dpiqa_jax.errors import UserError
 from dpiqa_jax.student_io import (
     StudentSpec,
@@ -53,8 +54,9 @@ def save_stablehlo(spec: StudentSpec, variables: Variables, path: str) -> None:
 def save_savedmodel(spec: StudentSpec, variables: Variables, path: str) -> None:
     """A SavedModel whose `serving_default` maps `images` (None, S, S, 3) to `scores` (None,). The
     weights are tf.Variables rather than graph constants, which a GraphDef caps at 2 GB."""
-    import tensorflow as tf
     from jax.experimental import jax2tf
+
+    tf = tf_runtime.tensorflow()
 
     leaves, treedef = jax.tree_util.tree_flatten(variables)
     apply = student_apply(spec)
@@ -78,8 +80,7 @@ def _reloaded_scores(spec: StudentSpec, fmt: str, path: str, images: np.ndarray)
     if fmt == "stablehlo":
         with open(path, "rb") as f:
             return np.asarray(jax.export.deserialize(bytearray(f.read())).call(images))
-    import tensorflow as tf
-
+    tf = tf_runtime.tensorflow()
     serve = tf.saved_model.load(path).signatures["serving_default"]
     return serve(images=tf.constant(images))["scores"].numpy()
 

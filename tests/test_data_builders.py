@@ -236,3 +236,24 @@ def test_unknown_dataset_and_split_set(tmp_path):
     table = manual / "koniq10k_distributions_sets.csv"
     table.write_text(table.read_text().replace('"validation"', '"val"'))
     assert "set 'val' is not one of" in _prepare_error("koniq10k", tmp_path, manual)
+
+
+def test_tensorflow_is_kept_off_the_accelerators_before_a_dataset_is_built(tmp_path, monkeypatch):
+    """Building runs TensorFlow in the training process: with a full `tensorflow` (Colab) it would
+    claim GPU memory that JAX needs, so the accelerators are hidden from it first."""
+    import tensorflow as tf
+
+    from dpiqa_jax import tf_runtime
+    from dpiqa_jax.data.source import builder
+
+    events = []
+    hide = lambda devices, kind: events.append((kind, devices))  # noqa: E731
+    monkeypatch.setattr(tf.config, "set_visible_devices", hide)
+    monkeypatch.setattr(type(builder("synthetic_iqa/tiny", str(tmp_path))), "download_and_prepare",
+                        lambda self, **kwargs: events.append("build"))
+    tf_runtime.tensorflow.cache_clear()
+    try:
+        prepare("synthetic_iqa/tiny", str(tmp_path))
+    finally:
+        tf_runtime.tensorflow.cache_clear()
+    assert events == [("GPU", []), ("TPU", []), "build"]

@@ -4,6 +4,7 @@ from typing import Optional, Union
 import numpy as np
 import tensorflow_datasets as tfds
 
+from dpiqa_jax import tf_runtime
 from dpiqa_jax.data.base import SPLIT_INDICES, ManualIqaBuilder
 from dpiqa_jax.data.errors import DatasetError
 
@@ -34,6 +35,7 @@ def prepare(name, data_dir: Optional[str] = None, manual_dir: Optional[str] = No
     read their files from `manual_dir` (default `<data_dir>/downloads/manual`)."""
     found = builder(name, data_dir, skip_bad_images)
     if not found.is_prepared():
+        tf_runtime.tensorflow()  # building runs TensorFlow: off the accelerators first
         config = tfds.download.DownloadConfig(manual_dir=manual_dir)
         found.download_and_prepare(download_config=config)
     return found

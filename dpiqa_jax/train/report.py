@@ -9,6 +9,8 @@ from typing import Optional
 import jax
 from tqdm import tqdm
 
+from dpiqa_jax import tf_runtime
+
 
 class Reporter:
     def __init__(self, workdir: str, total_steps: int, first_step: int, images_per_step: int):
@@ -70,14 +72,10 @@ class Reporter:
     def _tensorboard(self, step: int, split: str, record: dict) -> None:
         """Scalars as TensorBoard's scalar plugin writes them (tensorflow-cpu ships no `tensorboard`
         package, which tf.summary.scalar needs)."""
-        import tensorflow as tf
         from tensorflow.core.framework import summary_pb2
 
+        tf = tf_runtime.tensorflow()
         if self._tb is None:
-            try:
-                tf.config.set_visible_devices([], "GPU")  # TF must leave accelerators to JAX
-            except RuntimeError:  # TF already initialised by the input pipeline
-                pass
             self._tb = tf.summary.create_file_writer(os.path.join(self.workdir, "tensorboard"))
         scalar = summary_pb2.SummaryMetadata(
             plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
