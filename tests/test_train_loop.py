@@ -3,6 +3,7 @@ run writes, resuming (also after SIGKILL), a NaN stop, loading a workdir for inf
 import json
 import re
 import signal
+import socket
 import subprocess
 import time
 
@@ -22,6 +23,7 @@ from train_helpers import (
 )
 
 from dpiqa_jax.teacher import restore_teacher
+from dpiqa_jax.train.checkpoint import workdir_lock
 
 pytest_plugins = ("train_fixtures",)  # the session fixtures train_root and smoke_run
 pytestmark = pytest.mark.slow
@@ -116,6 +118,29 @@ def test_sigterm_saves_the_current_step_and_a_rerun_resumes(smoke_run, train_roo
     assert without_fit(records(workdir, "test")) == without_fit(records(smoke_run, "test"))
     later = lambda rows: [r for r in without_clock(rows) if r["step"] > 6]  # noqa: E731 (full windows)
     assert later(records(workdir, "train")) == later(records(smoke_run, "train"))
+
+
+def test_a_second_run_in_a_workdir_in_use_stops_with_one_line(train_root, tmp_path):
+    """The same command started twice (a job resubmitted while the first still runs): the second
+    stops before any work with one line naming the workdir and the first run's process, instead of
+    both writing checkpoints there. Once the first run is gone (killed here) the workdir is free."""
+    workdir = tmp_path / "busy"
+    first = subprocess.Popen(train_command(workdir, train_root), env=environment(train_root), cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        said = first.stdout.readline()  # the run's first line comes once it holds the workdir
+        assert said.startswith("dpiqa-jax: 1 device"), said
+        second = run(train_command(workdir, train_root), environment(train_root), timeout=300)
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert error_line(second.stderr, "train") == (
+        f"{workdir} is in use by another run (pid {first.pid} on {socket.gethostname()}): wait for it to "
+        "end, or give this run another workdir")
+    assert "dpiqa-jax: " not in second.stdout  # it stopped before the run line
+    with workdir_lock(str(workdir)):  # the kernel let go of the killed run's lock
+        pass
 
 
 def records_or_none(workdir):

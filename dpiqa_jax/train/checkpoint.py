@@ -13,9 +13,11 @@ complete, and deletes the previous step only afterwards, so a kill at any moment
 complete checkpoint restorable.
 """
 import contextlib
+import fcntl
 import functools
 import json
 import os
+import socket
 from typing import Any, Optional
 
 import jax
@@ -134,3 +136,32 @@ def atomic_write(path: str, write) -> None:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+    """Holds `workdir` for one run (process 0 of it): a second run started there (the same command
+    twice, a job resubmitted while the first still runs) stops with one line, instead of both
+    writing its checkpoints. The kernel releases the lock when its process ends, however it ends.
+    A file system without locks (e.g. gcsfuse) goes without this check."""
+    if jax.process_index() != 0:
+        yield
+        return
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, LOCK_FILE), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise UserError(f"{workdir} is in use by another run ({f.read().strip() or 'unknown'}): wait "
+                            f"for it to end, or give this run another workdir") from None
+        except OSError:  # no locks on this file system
+            pass
+        else:
+            f.truncate(0)
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+            f.flush()
+        yield

@@ -137,6 +137,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Op
     """Trains (or resumes) the run in `workdir` (the teacher unless `task` says otherwise); returns
     the contents of its results.json."""
     validate(config)
+    with ckpt_lib.workdir_lock(workdir):
+        return _train_and_evaluate(config, workdir, task)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Optional[Task]) -> dict:
     mesh = mesh_lib.make_mesh(config.mesh.fsdp)
     task = task or teacher_task(config)
     data = inputs.IQAData(config, task.image_size, mesh)
