@@ -143,6 +143,15 @@ def test_a_second_run_in_a_workdir_in_use_stops_with_one_line(train_root, tmp_pa
         pass
 
 
+def test_a_workdir_that_cannot_be_one_is_a_one_line_error(train_root, tmp_path):
+    (tmp_path / "taken").write_text("a file")
+    for workdir, reason in ((tmp_path / "taken", "a file is in its place"),
+                            (tmp_path / "taken" / "run", "Not a directory")):
+        result = run(train_command(workdir, train_root), environment(train_root), timeout=300)
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert error_line(result.stderr, "train") == f"{workdir}: cannot hold the run's files: {reason}"
+
+
 def records_or_none(workdir):
     """The train records written so far (none while the file does not exist yet)."""
     path = workdir / "metrics.jsonl"

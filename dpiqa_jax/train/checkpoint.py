@@ -150,8 +150,13 @@ def workdir_lock(workdir: str):
     if jax.process_index() != 0:
         yield
         return
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, LOCK_FILE), "a+") as f:
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        lock = open(os.path.join(workdir, LOCK_FILE), "a+")
+    except OSError as error:  # a file in its place, no permission, a read-only file system
+        reason = "a file is in its place" if os.path.isfile(workdir) else error.strerror
+        raise UserError(f"{workdir}: cannot hold the run's files: {reason}") from None
+    with lock as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
