@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpiqa_jax import tf_runtime
+from dpiqa_jax import outputs, tf_runtime
 from dpiqa_jax.errors import UserError
 from dpiqa_jax.student_io import (
     StudentSpec,
@@ -108,7 +108,10 @@ def export_student(spec: StudentSpec, variables: Variables, fmt: str, output) ->
         raise UserError(f"unknown export format {fmt!r}: choose from {', '.join(FORMATS)}")
     if fmt in SUFFIX and not output.endswith(SUFFIX[fmt]):
         raise UserError(f"{output}: a {fmt} export must end in {SUFFIX[fmt]}")
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    if fmt == "savedmodel":
+        outputs.folder(output, "SavedModel folder")
+    else:
+        outputs.file(output)
     WRITERS[fmt](spec, variables, output)
     side = spec.image_size
     images = np.random.default_rng(0).random((CHECK_IMAGES, side, side, 3), np.float32)

@@ -44,3 +44,16 @@ def test_scatter_plot_draws_the_points_and_the_fitted_curve(tmp_path):
     red = (pixels[..., 0] > 180) & (pixels[..., 1] < 80) & (pixels[..., 2] < 80)  # tab:red, the curve
     blue = pixels[..., 2] - pixels[..., 0] > 40  # tab:blue at half opacity, the points
     assert pixels.shape == (500, 550, 3) and red.sum() > 300 and blue.sum() > 1000
+
+
+def test_an_output_folder_that_cannot_be_one_is_one_line_before_any_work(tmp_path, monkeypatch, capsys):
+    from dpiqa_jax.cli import main
+    from dpiqa_jax.train import evaluator
+
+    monkeypatch.setattr(evaluator, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated first"))
+    (tmp_path / "taken").write_text("a file")
+    assert main(["evaluate", "--checkpoint", "unused", "--dataset", "synthetic_iqa/tiny",
+                 "--output", str(tmp_path / "taken")]) == 2
+    taken = tmp_path / "taken"
+    assert capsys.readouterr().err == (f"dpiqa-jax evaluate: error: {taken}: cannot be the output folder: a "
+                                       "file is in its place\n")

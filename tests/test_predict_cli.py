@@ -304,3 +304,28 @@ def test_predict_paths_take_files_folders_recursively_and_globs(tmp_path, monkey
     assert expand_paths(["other/*.png", "**/d.bmp"]) == ["other/e.png", "sub/deeper/d.bmp"]
     with pytest.raises(UserError, match="missing/\\*.png: no such file, folder or matching glob"):
         expand_paths(["missing/*.png"])
+
+
+@pytest.mark.parametrize("command, flag, value, message", [
+    ("predict", "--output", "scores.txt", "{tmp}/scores.txt: the output must end in .json or .csv"),
+    ("predict", "--output", "taken/scores.csv",
+     "{tmp}/taken: cannot be the output file's folder: a file is in its place"),
+    ("predict", "--output", "folder.csv", "{tmp}/folder.csv: is a folder; give a file name"),
+    ("predict", "--save-maps", "taken", "{tmp}/taken: cannot be the maps folder: a file is in its place"),
+    ("embed-prompts", "--output", "prompts.pth", "{tmp}/prompts.pth: the output must end in .npy"),
+])
+def test_an_output_that_cannot_be_written_is_one_line_before_any_work(tmp_path, monkeypatch, capsys, command,
+                                                                        flag, value, message):
+    from dpiqa_jax import prompts, scorer
+    from dpiqa_jax.cli import main
+
+    (tmp_path / "taken").write_text("a file")
+    (tmp_path / "folder.csv").mkdir()
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    work = lambda *args, **kwargs: pytest.fail("the work began before the output was checked")  # noqa: E731
+    monkeypatch.setattr(scorer, "load", work)
+    monkeypatch.setattr(prompts, "embed_prompts", work)
+    inputs = ["--checkpoint", "unused.pth", str(image)] if command == "predict" else ["--clip", "unused"]
+    assert main([command, *inputs, flag, str(tmp_path / value)]) == 2
+    assert capsys.readouterr().err == f"dpiqa-jax {command}: error: {message.format(tmp=tmp_path)}\n"

@@ -149,7 +149,7 @@ def test_a_workdir_that_cannot_be_one_is_a_one_line_error(train_root, tmp_path):
                             (tmp_path / "taken" / "run", "Not a directory")):
         result = run(train_command(workdir, train_root), environment(train_root), timeout=300)
         assert result.returncode == 2, result.stderr[-3000:]
-        assert error_line(result.stderr, "train") == f"{workdir}: cannot hold the run's files: {reason}"
+        assert error_line(result.stderr, "train") == f"{workdir}: cannot be the run's workdir: {reason}"
 
 
 def records_or_none(workdir):

@@ -11,8 +11,10 @@ def register(sub):
 
 
 def run(args):
+    from dpiqa_jax import outputs
     from dpiqa_jax.prompts import embed_prompts, save_prompt_embeddings
 
+    outputs.file(args.output, (".npy",))
     embeddings = embed_prompts(args.clip, batch_size=args.batch_size)
     save_prompt_embeddings(embeddings, args.output)
     print(f"wrote {embeddings.shape[0]} prompt embeddings of dim {embeddings.shape[1]} to {args.output}")

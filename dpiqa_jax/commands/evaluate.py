@@ -10,6 +10,7 @@ import csv
 import json
 import os
 
+from dpiqa_jax import outputs
 from dpiqa_jax.commands.train import add_distributed_arguments, initialize_distributed
 from dpiqa_jax.errors import UserError
 
@@ -78,6 +79,9 @@ def run(args) -> int:
     initialize_distributed(args)
     import jax
 
+    if jax.process_index() == 0:
+        outputs.folder(args.output)
+
     several = len(args.checkpoint) * len(args.dataset) > 1
     rows = {}
     for label, checkpoint in zip(labels(args.checkpoint), args.checkpoint, strict=True):
@@ -111,7 +115,7 @@ def evaluate_one(args, checkpoint: str, dataset: str, manual_dir, output: str) -
     results = {"checkpoint": checkpoint, "dataset": dataset, "split": args.split,
                "protocol": args.protocol, "latent": args.latent, **metrics}
     if jax.process_index() == 0:
-        os.makedirs(output, exist_ok=True)
+        os.makedirs(output, exist_ok=True)  # below args.output, checked before any work
         with open(os.path.join(output, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
         with open(os.path.join(output, "predictions.csv"), "w", newline="") as f:

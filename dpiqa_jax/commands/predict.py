@@ -7,9 +7,11 @@ import sys
 
 from tqdm import tqdm
 
+from dpiqa_jax import outputs
 from dpiqa_jax.commands.export import add_student_arguments, student_spec
 from dpiqa_jax.errors import UserError
 
+RESULT_SUFFIXES = (".json", ".csv")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
@@ -60,13 +62,11 @@ def write_results(rows, output):
     elif output.endswith(".json"):
         with open(output, "w") as f:
             json.dump(rows, f, indent=1)
-    elif output.endswith(".csv"):
+    else:  # .csv (RESULT_SUFFIXES, checked before any scoring)
         with open(output, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=["path", "score"])
             writer.writeheader()
             writer.writerows(rows)
-    else:
-        raise UserError(f"{output}: the output must end in .json or .csv")
 
 
 def map_file(folder: str, path: str) -> str:
@@ -81,7 +81,6 @@ def map_file(folder: str, path: str) -> str:
 def save_maps(folder: str, paths, images, maps, scores) -> None:
     from dpiqa_jax.heatmaps import render
 
-    os.makedirs(folder, exist_ok=True)
     for path, image, fmap, score in zip(paths, images, maps, scores, strict=True):
         render(image, fmap, title=f"{os.path.basename(path)}  score {score:.4f}").save(map_file(folder, path))
 
@@ -92,6 +91,10 @@ def run(args):
     paths = expand_paths(args.paths)
     if not paths:
         raise UserError("no image files found in " + " ".join(args.paths))
+    if args.output:
+        outputs.file(args.output, RESULT_SUFFIXES)
+    if args.save_maps:
+        outputs.folder(args.save_maps, "maps folder")
     scorer = scorer_lib.load(args.checkpoint, args.prompt_embeddings, args.model_config,
                              student_spec=student_spec(args), latent=args.latent, batch_size=args.batch_size,
                              seed=args.seed)

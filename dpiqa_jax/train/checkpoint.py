@@ -24,6 +24,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dpiqa_jax import outputs
 from dpiqa_jax.checkpoints import BEST, CHECKPOINTS, EMBEDDINGS_FILE, LATEST, UNREADABLE, naming_folder
 from dpiqa_jax.errors import UserError
 
@@ -150,13 +151,8 @@ def workdir_lock(workdir: str):
     if jax.process_index() != 0:
         yield
         return
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        lock = open(os.path.join(workdir, LOCK_FILE), "a+")
-    except OSError as error:  # a file in its place, no permission, a read-only file system
-        reason = "a file is in its place" if os.path.isfile(workdir) else error.strerror
-        raise UserError(f"{workdir}: cannot hold the run's files: {reason}") from None
-    with lock as f:
+    outputs.folder(workdir, "run's workdir")
+    with open(os.path.join(workdir, LOCK_FILE), "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
