@@ -26,6 +26,8 @@ def optional_path(default=None) -> config_dict.FieldReference:
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
+    if arg:
+        raise ValueError(f"unknown variant {arg!r} (this config has none)")
     config = ml_collections.ConfigDict()
     config.seed = 0
 

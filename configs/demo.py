@@ -53,5 +53,5 @@ def get_config(arg=None):
         # over the whole run, which the sharding tests check.
         config.optim.eps = 1e-4
     elif arg:
-        raise ValueError(f"configs/demo.py: unknown variant {arg!r} (only 'smoke')")
+        raise ValueError(f"unknown variant {arg!r} (only 'smoke')")
     return config

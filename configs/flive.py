@@ -3,7 +3,7 @@ import default
 
 
 def get_config(arg=None):
-    config = default.get_config()
+    config = default.get_config(arg)
     config.dataset.name = "flive"
     config.dataset.manual_dir = "~/datasets/flive"
     config.optim.milestones = (2,)

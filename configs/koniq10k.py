@@ -8,7 +8,7 @@ import default
 
 
 def get_config(arg=None):
-    config = default.get_config()
+    config = default.get_config(arg)
     config.dataset.name = "koniq10k"
     config.dataset.manual_dir = "~/datasets/koniq10k"
     config.optim.milestones = (5,)

@@ -4,7 +4,7 @@ import default
 
 
 def get_config(arg=None):
-    config = default.get_config()
+    config = default.get_config(arg)
     config.dataset.name = "live_challenge"
     config.dataset.manual_dir = "~/datasets/ChallengeDB_release"
     config.optim.milestones = (10,)

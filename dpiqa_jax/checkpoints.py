@@ -52,6 +52,11 @@ def resolve(path: str, model_file: str = MODEL_FILE) -> tuple[str, str]:
         raise UserError(f"workdir {path!r} holds no checkpoint yet")
     step_dir = path if os.path.isdir(os.path.join(path, PARAMS)) else _last_step_dir(path)
     if step_dir is None:
+        other = {MODEL_FILE: "a teacher's", STUDENT_FILE: "a student's"}
+        for name, whose in other.items():
+            if name != model_file and os.path.isfile(os.path.join(path, name)):
+                raise UserError(f"{path!r} is {whose} workdir ({name}); this command takes "
+                                f"{other[model_file]} here")
         raise UserError(f"{path!r} is neither a training workdir nor an orbax checkpoint folder")
     run_dir = os.path.dirname(os.path.dirname(os.path.dirname(step_dir)))
     if not os.path.isfile(os.path.join(run_dir, model_file)):

@@ -74,6 +74,17 @@ def test_missing_config_file_and_missing_get_config(tmp_path):
         config_util.load_config(str(tmp_path / "empty.py"))
 
 
+NO_VARIANT = "this config has none"
+
+
+@pytest.mark.parametrize("file, allowed", [("demo.py", "only 'smoke'"), ("koniq10k.py", NO_VARIANT),
+                                           ("student_spaq.py", NO_VARIANT)])
+def test_an_argument_the_config_refuses_is_a_one_line_error(file, allowed):
+    spec = f"{CONFIGS / file}:smok"
+    with pytest.raises(UserError, match=rf"^config '{spec}': unknown variant 'smok' \({allowed}\)$"):
+        config_util.load_config(spec)
+
+
 def test_validation_names_bad_choices_and_missing_paths():
     from dpiqa_jax.train.loop import validate
 

@@ -210,3 +210,20 @@ def test_a_msgpack_without_manifest_is_refused(tmp_path, student):
     path.write_bytes(serialization.to_bytes(student[0]))
     with pytest.raises(UserError, match="no manifest"):
         load_student(path)
+
+
+def test_a_workdir_of_the_other_model_is_named_for_what_it_is(tmp_path):
+    """A teacher's workdir given to export (or a student's as distill's --teacher): the error says
+    which kind of workdir it is, not that it is none."""
+    from dpiqa_jax import checkpoints
+    from dpiqa_jax.student_io import load_student
+
+    for name in (checkpoints.MODEL_FILE, checkpoints.STUDENT_FILE):
+        (tmp_path / name.split(".")[0]).mkdir()
+        (tmp_path / name.split(".")[0] / name).write_text("{}")
+    with pytest.raises(UserError, match=r"'.*/model' is a teacher's workdir \(model.json\); this command "
+                                        r"takes a student's here"):
+        load_student(tmp_path / "model")
+    with pytest.raises(UserError, match=r"'.*/student' is a student's workdir \(student.json\); this command "
+                                        r"takes a teacher's here"):
+        checkpoints.resolve(str(tmp_path / "student"))

@@ -37,7 +37,10 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
         sys.path.remove(folder)
     if not hasattr(module, "get_config"):
         raise UserError(f"config file {path!r} has no get_config(arg) function")
-    config = module.get_config(arg or None)
+    try:
+        config = module.get_config(arg or None)
+    except ValueError as e:  # the config's own check of its argument (e.g. an unknown variant)
+        raise UserError(f"config {spec!r}: {e}") from None
     if not isinstance(config, ml_collections.ConfigDict):
         raise UserError(f"get_config of {path!r} must return an ml_collections.ConfigDict")
     config.lock()
