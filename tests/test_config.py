@@ -97,6 +97,20 @@ def test_validation_names_bad_choices_and_missing_paths():
         validate(config)
 
 
+@pytest.mark.parametrize("config_file, key, value, minimum", [
+    ("demo.py", "batch_size", 0, 1), ("demo.py", "eval.batch_size", 0, 1), ("demo.py", "num_steps", -1, 0),
+    ("demo.py", "checkpoint.every", 0, 1), ("student_demo.py", "log_every", 0, 1)])
+def test_counts_below_their_minimum_are_config_errors(config_file, key, value, minimum):
+    """Before: a batch size of 0 was a ZeroDivisionError, -1 steps an evaluation at step -1."""
+    from dpiqa_jax.train.loop import validate
+
+    config = config_util.load_config(str(CONFIGS / config_file))
+    group, _, name = key.rpartition(".")
+    (config[group] if group else config)[name] = value
+    with pytest.raises(UserError, match=rf"^config key '{key}' is {value}; it must be at least {minimum}$"):
+        validate(config)
+
+
 def test_cache_dir_is_made_and_a_folder_that_cannot_be_is_a_config_error(tmp_path):
     from dpiqa_jax.train.loop import validate
 

@@ -113,6 +113,12 @@ def require_choice(config: ml_collections.ConfigDict, key: str, choices: Iterabl
         raise UserError(f"config key {key!r} is {value!r}; choose one of {', '.join(map(repr, choices))}")
 
 
+def require_at_least(config: ml_collections.ConfigDict, key: str, minimum: int) -> None:
+    value = get(config, key)
+    if value < minimum:
+        raise UserError(f"config key {key!r} is {value}; it must be at least {minimum}")
+
+
 def require_existing(config: ml_collections.ConfigDict, key: str) -> None:
     """A path setting, when set, must name something that exists."""
     value = get(config, key)

@@ -29,7 +29,8 @@ class IQAData:
         parts = resolve(ds.split, source.parts, source.name)
         self.train_indices = parts["train"]
         self.num_train, self.num_eval = len(parts["train"]), len(parts["test"])
-        self.steps_per_epoch = self.num_train // self.batch_size
+        # a split smaller than one batch is an error here, before any compile
+        self.steps_per_epoch = pipeline.TrainOrder(self.train_indices, self.seed, self.batch_size).per_epoch
 
     def train_batches(self, start_step: int, join: Optional[Callable[[dict], dict]] = None) -> Iterator[dict]:
         """Global train batches from `start_step` on: the same sequence on any mesh, after any resume.

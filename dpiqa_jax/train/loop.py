@@ -26,7 +26,13 @@ from dpiqa_jax.train import checkpoint as ckpt_lib
 from dpiqa_jax.train import evaluator, example_cache, exported, inputs, metrics, preemption, report, schedule
 from dpiqa_jax.train import mesh as mesh_lib
 from dpiqa_jax.train import state as state_lib
-from dpiqa_jax.train.config_util import has, require_choice, require_existing, require_folder
+from dpiqa_jax.train.config_util import (
+    has,
+    require_at_least,
+    require_choice,
+    require_existing,
+    require_folder,
+)
 from dpiqa_jax.train.step import LATENTS, POSTERIOR, compile_eval_step, compile_train_step, posterior_step
 
 BEST = {"best_srcc": "srcc", "best_plcc": "plcc"}
@@ -49,6 +55,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key, allowed in choices.items():
         if has(config, key):
             require_choice(config, key, allowed)
+    counts = {"batch_size": 1, "eval.batch_size": 1, "epochs": 1, "num_steps": 0, "log_every": 1,
+              "eval.every": 1, "checkpoint.every": 1, "mesh.fsdp": 1}
+    for key, minimum in counts.items():
+        if has(config, key):
+            require_at_least(config, key, minimum)
     for key in ("model.sd_dir", "model.embeddings", "model.init_from", "dataset.manual_dir"):
         if has(config, key):
             require_existing(config, key)
