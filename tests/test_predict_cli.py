@@ -329,3 +329,18 @@ def test_an_output_that_cannot_be_written_is_one_line_before_any_work(tmp_path, 
     inputs = ["--checkpoint", "unused.pth", str(image)] if command == "predict" else ["--clip", "unused"]
     assert main([command, *inputs, flag, str(tmp_path / value)]) == 2
     assert capsys.readouterr().err == f"dpiqa-jax {command}: error: {message.format(tmp=tmp_path)}\n"
+
+
+@pytest.mark.parametrize("command", [["predict", "--checkpoint", "unused", "a.png", "--batch-size"],
+                                     ["export", "--checkpoint", "unused", "--format", "msgpack", "--output",
+                                      "s.msgpack", "--image-size"]])
+@pytest.mark.parametrize("value", ["0", "-3", "two"])
+def test_sizes_below_one_are_refused_with_the_usage(command, value, capsys):
+    """Before: predict --batch-size 0 was a traceback, -3 scored nothing and said nothing."""
+    from dpiqa_jax.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main([*command, value])
+    assert stopped.value.code == 2
+    expected = f"error: argument {command[-1]}: expected a positive integer, got '{value}'\n"
+    assert capsys.readouterr().err.endswith(expected)

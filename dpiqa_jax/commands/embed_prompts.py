@@ -1,4 +1,5 @@
 """`dpiqa-jax embed-prompts`: the (1485, 768) prompt matrix from a local CLIP ViT-L/14 folder."""
+from dpiqa_jax.commands import positive_int
 
 
 def register(sub):
@@ -6,7 +7,7 @@ def register(sub):
     p.add_argument("--clip", required=True, help="local transformers-format CLIP folder (config.json, "
                    "model.safetensors, tokenizer files), e.g. openai/clip-vit-large-patch14")
     p.add_argument("--output", required=True, help="output file (.npy)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.set_defaults(run=run)
 
 

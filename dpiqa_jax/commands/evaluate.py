@@ -11,6 +11,7 @@ import json
 import os
 
 from dpiqa_jax import outputs
+from dpiqa_jax.commands import positive_int
 from dpiqa_jax.commands.train import add_distributed_arguments, initialize_distributed
 from dpiqa_jax.errors import UserError
 
@@ -38,7 +39,7 @@ def register(subparsers) -> None:
     p.add_argument("--latent", choices=("mean", "sample"), default="mean",
                    help="posterior mean (deterministic, default) or a random draw as the authors do")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws with --latent sample")
-    p.add_argument("--batch-size", type=int, default=16, help="global, over every device")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="global, over every device")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     add_distributed_arguments(p)
     p.set_defaults(run=run)

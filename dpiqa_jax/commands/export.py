@@ -2,6 +2,7 @@
 safetensors) or its inference function (stablehlo, savedmodel), verified by reloading it."""
 import dataclasses
 
+from dpiqa_jax.commands import positive_int
 from dpiqa_jax.export import FORMATS
 
 
@@ -21,7 +22,7 @@ def register(sub):
 def add_student_arguments(parser) -> None:
     group = parser.add_argument_group("an authors' student file whose shapes are not B7 at 512 px")
     group.add_argument("--variant", help="its EfficientNet variant (default b7)")
-    group.add_argument("--image-size", type=int, help="its input side in pixels (default 512)")
+    group.add_argument("--image-size", type=positive_int, help="its input side in pixels (default 512)")
 
 
 def student_spec(args):

@@ -8,6 +8,7 @@ import sys
 from tqdm import tqdm
 
 from dpiqa_jax import outputs
+from dpiqa_jax.commands import positive_int
 from dpiqa_jax.commands.export import add_student_arguments, student_spec
 from dpiqa_jax.errors import UserError
 
@@ -31,7 +32,7 @@ def register(sub):
                    help="also write each image's quality feature map as a heatmap PNG in DIR")
     p.add_argument("--score-range", action="store_true",
                    help="also print the checkpoint's score scale and which direction is better")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--seed", type=int, default=0, help="seed of the draws with --latent sample")
     add_student_arguments(p)
     p.set_defaults(run=run)

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from dpiqa_jax.commands import positive_int
 from dpiqa_jax.errors import UserError
 
 
@@ -35,7 +36,7 @@ def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--coordinator", help="HOST:PORT of process 0 (else $JAX_COORDINATOR_ADDRESS)")
     group.add_argument("--num-processes", type=int)
     group.add_argument("--process-id", type=int)
-    group.add_argument("--heartbeat-timeout", type=int, default=60, metavar="SECONDS",
+    group.add_argument("--heartbeat-timeout", type=positive_int, default=60, metavar="SECONDS",
                        help="when a process dies, the others stop after this long (default 60)")
 
 
