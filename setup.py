@@ -30,6 +30,10 @@ setup(
         "diffusers>=0.30",
     ],
     extras_require={
+        # JAX's accelerator plugins, the same version as jax: NVIDIA GPUs (CUDA 12 or 13) and TPU VMs.
+        "cuda12": ["jax[cuda12]>=0.10.2,<0.11"],
+        "cuda13": ["jax[cuda13]>=0.10.2,<0.11"],
+        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
         # torch is only the parity oracle of the tests and the reader of the authors' .pth files.
         "torch": ["torch==2.14.1"],
         "test": ["torch==2.14.1", "torchvision==0.29.1", "pytest", "pytest-xdist", "ruff",
