@@ -34,6 +34,9 @@ def register(sub):
                    help="also print the checkpoint's score scale and which direction is better")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--seed", type=int, default=0, help="seed of the draws with --latent sample")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="compute dtype (params stay float32): float32 (default) gives the authors' scores "
+                        "to float32 rounding; bfloat16 is faster on GPUs and TPUs, at its precision")
     add_student_arguments(p)
     p.set_defaults(run=run)
 
@@ -87,6 +90,8 @@ def save_maps(folder: str, paths, images, maps, scores) -> None:
 
 
 def run(args):
+    import jax.numpy as jnp
+
     from dpiqa_jax import scorer as scorer_lib
 
     paths = expand_paths(args.paths)
@@ -98,7 +103,7 @@ def run(args):
         outputs.folder(args.save_maps, "maps folder")
     scorer = scorer_lib.load(args.checkpoint, args.prompt_embeddings, args.model_config,
                              student_spec=student_spec(args), latent=args.latent, batch_size=args.batch_size,
-                             seed=args.seed)
+                             seed=args.seed, dtype=jnp.dtype(args.dtype))
     if args.score_range:
         print(f"scores: {scorer.describe_range()}", file=sys.stderr)
     rows, failed = [], []
