@@ -1,5 +1,6 @@
 """`dpiqa-jax predict` on teacher and student checkpoints saved the authors' way (torch.save of the
 state dict) or exported by us; `dpiqa-jax export` end to end."""
+import csv
 import json
 import os
 import subprocess
@@ -164,6 +165,37 @@ def test_predict_scores_the_good_files_and_names_each_bad_one(student_files, tmp
     assert len(errors) == len(bad) and "Traceback" not in "".join(errors)
     for line, name in zip(errors, bad, strict=True):
         assert line.startswith(f"skipped: {tmp_path / name}: "), line
+
+
+def test_a_csv_output_is_written_as_the_images_are_scored(student_files, tmp_path, monkeypatch):
+    """A run killed midway (out of time, preempted) keeps the scores so far: each batch's rows are
+    on disk before the next batch is scored."""
+    from dpiqa_jax import scorer
+    from dpiqa_jax.cli import main
+
+    tmp, _, paths, expected = student_files
+    out, lines_seen, real_load = tmp_path / "scores.csv", [], scorer.load
+
+    def load(*args, **kwargs):
+        loaded = real_load(*args, **kwargs)
+        batches = loaded.batches
+
+        def watched(*more, **options):
+            for batch in batches(*more, **options):
+                lines_seen.append(len(out.read_text().splitlines()))
+                yield batch
+
+        loaded.batches = watched
+        return loaded
+
+    monkeypatch.setattr(scorer, "load", load)
+    monkeypatch.chdir(tmp)
+    assert main(["predict", "--checkpoint", "student.pth", "--variant", "b0", "--image-size", "64",
+                 "--batch-size", "1", "--output", str(out), *map(str, paths)]) == 0
+    assert lines_seen == [1, 2, 3]  # the header, then each earlier batch's row, before the next batch
+    rows = list(csv.DictReader(out.open()))
+    assert [r["path"] for r in rows] == [str(p) for p in paths]
+    assert rel_err([float(r["score"]) for r in rows], expected) < 1e-5
 
 
 def test_save_maps_writes_a_heatmap_panel_per_image(student_files, tmp_path, monkeypatch, capsys):

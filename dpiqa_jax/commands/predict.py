@@ -58,19 +58,35 @@ def expand_paths(patterns):
     return found
 
 
-def write_results(rows, output):
-    if output is None:
-        width = max(len(r["path"]) for r in rows)
-        for r in rows:
-            print(f"{r['path']:<{width}}  {r['score']:.6f}")
-    elif output.endswith(".json"):
-        with open(output, "w") as f:
-            json.dump(rows, f, indent=1)
-    else:  # .csv (RESULT_SUFFIXES, checked before any scoring)
-        with open(output, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["path", "score"])
-            writer.writeheader()
-            writer.writerows(rows)
+class Results:
+    """Where the scores go: a .csv as they come, batch by batch, so that a run killed midway keeps the
+    scores so far; a .json, or the table on stdout (its width needs every path), at the end, which an
+    interrupted run (Ctrl-C, an error) also reaches with the scores so far."""
+
+    def __init__(self, output):
+        self.output, self.rows, self._csv = output, [], None
+        if output and output.endswith(".csv"):  # else .json (RESULT_SUFFIXES, checked before any scoring)
+            self._file = open(output, "w", newline="")
+            self._csv = csv.DictWriter(self._file, fieldnames=["path", "score"])
+            self._csv.writeheader()
+            self._file.flush()
+
+    def add(self, rows: list[dict]) -> None:
+        self.rows += rows
+        if self._csv:
+            self._csv.writerows(rows)
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._csv:
+            self._file.close()
+        elif self.rows and self.output is None:
+            width = max(len(r["path"]) for r in self.rows)
+            for r in self.rows:
+                print(f"{r['path']:<{width}}  {r['score']:.6f}")
+        elif self.rows:
+            with open(self.output, "w") as f:
+                json.dump(self.rows, f, indent=1)
 
 
 def map_file(folder: str, path: str) -> str:
@@ -106,7 +122,7 @@ def run(args):
                              seed=args.seed, dtype=jnp.dtype(args.dtype))
     if args.score_range:
         print(f"scores: {scorer.describe_range()}", file=sys.stderr)
-    rows, failed = [], []
+    results, failed = Results(args.output), []
     # A progress bar with images/s on a terminal only (disable=None), so that logs stay clean.
     with tqdm(total=len(paths), unit="img", disable=None, file=sys.stderr) as bar:
         def skip(path, message):
@@ -114,11 +130,12 @@ def run(args):
             failed.append(path)
             bar.update(1)
 
-        for good, images, scores, maps in scorer.batches(paths, on_error=skip):
-            rows += [{"path": p, "score": float(s)} for p, s in zip(good, scores, strict=True)]
-            if args.save_maps:
-                save_maps(args.save_maps, good, images, maps, scores)
-            bar.update(len(good))
-    if rows:
-        write_results(rows, args.output)
+        try:
+            for good, images, scores, maps in scorer.batches(paths, on_error=skip):
+                results.add([{"path": p, "score": float(s)} for p, s in zip(good, scores, strict=True)])
+                if args.save_maps:
+                    save_maps(args.save_maps, good, images, maps, scores)
+                bar.update(len(good))
+        finally:
+            results.close()
     return 1 if failed else 0
