@@ -35,7 +35,9 @@ def train(args, seed: int) -> None:
     command = ["dpiqa-jax", "train", "--config", args.config, "--workdir", workdir,
                f"--config.dataset.split=random:{seed}", *args.train_args]
     print("+", " ".join(command), flush=True)
-    subprocess.run(command, check=True)
+    code = subprocess.run(command).returncode
+    if code:  # its own message is above; the finished splits stay finished
+        sys.exit(f"ten_splits: split {seed} stopped (exit code {code}); run the same command again to resume")
 
 
 def summary(args) -> dict:
