@@ -103,10 +103,13 @@ class RunCheckpoints:
 
 
 def _options(name: str, async_save: bool) -> ocp.CheckpointManagerOptions:
-    # The folders save the same step at once: each needs its own multi-host barrier names.
+    # The folders save the same step at once: each needs its own multi-host barrier names. Process 0
+    # lists the saved steps and tells the others, so that every host resumes from the same step (a
+    # network file system may show one host a listing that lags) and one host reads the folder, not all.
     return ocp.CheckpointManagerOptions(
         max_to_keep=1, create=True, cleanup_tmp_directories=True, enable_async_checkpointing=async_save,
-        multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name))
+        multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name),
+        single_host_load_and_broadcast=True)
 
 
 def write_model_files(workdir: str, model_file: str, model_dict: dict, embeddings=None) -> None:
