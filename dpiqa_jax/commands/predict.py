@@ -64,7 +64,7 @@ class Results:
     interrupted run (Ctrl-C, an error) also reaches with the scores so far."""
 
     def __init__(self, output):
-        self.output, self.rows, self._csv = output, [], None
+        self.output, self.rows, self._csv = output, [], None  # rows: kept for the .json or the table
         if output and output.endswith(".csv"):  # else .json (RESULT_SUFFIXES, checked before any scoring)
             self._file = open(output, "w", newline="")
             self._csv = csv.DictWriter(self._file, fieldnames=["path", "score"])
@@ -72,10 +72,11 @@ class Results:
             self._file.flush()
 
     def add(self, rows: list[dict]) -> None:
-        self.rows += rows
-        if self._csv:
+        if self._csv:  # on disk at once, not kept: a folder of any size streams through
             self._csv.writerows(rows)
             self._file.flush()
+        else:
+            self.rows += rows
 
     def close(self) -> None:
         if self._csv:
