@@ -2,12 +2,24 @@
 giving the same losses and metrics on 1 device and as 2 processes of 2 devices with FSDP."""
 import json
 import math
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
-from train_helpers import REPO, environment, free_port, records, results, train_command
+from train_helpers import (
+    REPO,
+    check,
+    environment,
+    free_port,
+    records,
+    records_or_none,
+    results,
+    run,
+    train_command,
+)
 
 from dpiqa_jax.train.mesh import fsdp_spec
 
@@ -48,16 +60,27 @@ def test_step_on_8_devices_matches_1_device(tmp_path):
         assert "fsdp" in runs[name]["vae_spec"]
 
 
-def assert_same_run(reference, other):
-    """Every logged train step's losses and every evaluation's metrics within RTOL."""
+def assert_same_run(reference, other, after: int = 0):
+    """Every logged train step's losses (of the windows that start after step `after`) and every
+    evaluation's metrics within RTOL."""
     for split, names in (("train", ("loss", "mse", "grad_norm")), ("test", ("srcc", "plcc", "krcc", "rmse"))):
         ref, got = records(reference, split), records(other, split)
+        if split == "train" and after:  # a window cut by a stop is logged in part before, in part after
+            ref, got = ([r for r in rows if r["step"] - 2 > after] for rows in (ref, got))  # log_every 3
         assert [r["step"] for r in ref] == [r["step"] for r in got]
         for a, b in zip(ref, got, strict=True):
             for name in names:
                 close = math.isclose(a[name], b[name], rel_tol=RTOL, abs_tol=1e-6)
                 assert close, (split, a["step"], name, a[name], b[name])
     assert results(reference)["best"]["srcc"]["step"] == results(other)["best"]["srcc"]["step"]
+
+
+def start_two_processes(workdir, train_root, *overrides):
+    """`demo.py:smoke` as two jax.distributed processes of two devices each, a 2 x 2 mesh."""
+    port, env = free_port(), environment(train_root, devices=2)
+    return [subprocess.Popen(train_command(workdir, train_root, "--config.mesh.fsdp=2", *overrides) + [
+        "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
 
 
 # The 1-device reference is asked for after the run, so that under pytest-xdist the runs of
@@ -69,11 +92,8 @@ def test_smoke_run_as_2_processes_of_2_devices_with_fsdp_matches_1_device(train_
     """Two jax.distributed processes on localhost (gloo collectives) with two devices each, as a
     2 (data) x 2 (fsdp) mesh: multi-host, data parallelism and FSDP at once. Each process reads its
     half of every batch; params and Adam state are sharded."""
-    workdir, port = tmp_path / "run", free_port()
-    env = environment(train_root, devices=2)
-    procs = [subprocess.Popen(train_command(workdir, train_root, "--config.mesh.fsdp=2") + [
-        "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
-        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    workdir = tmp_path / "run"
+    procs = start_two_processes(workdir, train_root)
     outputs = [p.communicate(timeout=900) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(f"process {i}: {err[-2000:]}"
                                                              for i, (_, err) in enumerate(outputs))
@@ -84,6 +104,36 @@ def test_smoke_run_as_2_processes_of_2_devices_with_fsdp_matches_1_device(train_
                               "batch 16 (4 per device)"), outputs[0][0][:1000]
     assert "dpiqa-jax:" not in outputs[1][0]
     assert_same_run(request.getfixturevalue("smoke_run"), workdir)
+
+
+@pytest.mark.slow
+def test_a_2_process_run_stopped_by_sigterm_resumes_on_1_device(train_root, tmp_path, request):
+    """A multi-host run preempted (SIGTERM to process 1) saves one step from both processes, with
+    params and Adam state sharded over the 2 x 2 mesh; the same command on one device (another
+    number of hosts and another mesh) resumes from that step and ends as the uninterrupted run."""
+    workdir = tmp_path / "run"
+    procs = start_two_processes(workdir, train_root)
+    try:
+        deadline = time.time() + 600
+        while not records_or_none(workdir) and procs[1].poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert procs[1].poll() is None, "the run ended before SIGTERM: " + procs[1].stderr.read()[-2000:]
+        procs[1].send_signal(signal.SIGTERM)
+        outputs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [143, 143], [err[-2000:] for _, err in outputs]
+    lasts = [err.strip().splitlines()[-1] for _, err in outputs]
+    step = int(lasts[0].split("after step ")[1].split(",")[0])
+    assert lasts == [lasts[0]] * 2 and lasts[0].startswith("dpiqa-jax train: stopped by SIGTERM"), lasts
+    saved = [p.name for p in (workdir / "checkpoints" / "latest").iterdir() if p.name.isdigit()]
+    assert 3 <= step < 12 and str(step) in saved, (step, saved)
+    rerun = check(run(train_command(workdir, train_root), environment(train_root)))
+    said = rerun.stdout.splitlines()[0]
+    assert said.startswith("dpiqa-jax: 1 device (cpu) in 1 process, mesh data 1 x fsdp 1; "), said
+    assert said.endswith(f"resuming after step {step}"), said
+    assert_same_run(request.getfixturevalue("smoke_run"), workdir, after=step)
 
 
 def test_a_process_that_fails_stops_the_other_instead_of_hanging(train_root, tmp_path):

@@ -17,6 +17,7 @@ from train_helpers import (
     environment,
     error_line,
     records,
+    records_or_none,
     results,
     run,
     train_command,
@@ -150,12 +151,6 @@ def test_a_workdir_that_cannot_be_one_is_a_one_line_error(train_root, tmp_path):
         result = run(train_command(workdir, train_root), environment(train_root), timeout=300)
         assert result.returncode == 2, result.stderr[-3000:]
         assert error_line(result.stderr, "train") == f"{workdir}: cannot be the run's workdir: {reason}"
-
-
-def records_or_none(workdir):
-    """The train records written so far (none while the file does not exist yet)."""
-    path = workdir / "metrics.jsonl"
-    return path.is_file() and [line for line in path.read_text().splitlines() if '"train"' in line]
 
 
 def assert_same_results(workdir, reference):

@@ -72,6 +72,12 @@ def records(workdir: Path, split: str) -> list[dict]:
         return [r for r in map(json.loads, f) if r["split"] == split]
 
 
+def records_or_none(workdir: Path) -> list[str] | bool:
+    """The train records written so far (none while the file does not exist yet)."""
+    path = workdir / "metrics.jsonl"
+    return path.is_file() and [line for line in path.read_text().splitlines() if '"train"' in line]
+
+
 def results(workdir: Path) -> dict:
     with open(workdir / "results.json") as f:
         return json.load(f)
