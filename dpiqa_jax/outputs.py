@@ -6,12 +6,14 @@ from dpiqa_jax.errors import UserError
 
 
 def folder(path: str, what: str = "output folder") -> str:
-    """`path`, made (with its parents) if need be."""
+    """`path`, made (with its parents) if need be, and writable."""
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as error:  # a file in its place or on its way, no permission, a read-only file system
         reason = "a file is in its place" if os.path.isfile(path) else error.strerror
         raise UserError(f"{path}: cannot be the {what}: {reason}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{path}: cannot be the {what}: not writable")
     return path
 
 

@@ -1,4 +1,5 @@
 """Config files, `--config.KEY=VALUE` overrides and their one-line errors (no model, no data)."""
+import os
 import pathlib
 
 import pytest
@@ -111,6 +112,20 @@ def test_counts_below_their_minimum_are_config_errors(config_file, key, value, m
         validate(config)
 
 
+def test_a_folder_that_is_not_writable_is_refused_before_any_work(tmp_path, monkeypatch):
+    from dpiqa_jax import outputs
+
+    config = config_util.load_config(str(CONFIGS / "demo.py"))
+    config.cache_dir = str(tmp_path)
+    # The tests may run as root, whom the system lets write anywhere: its answer is stood in for.
+    monkeypatch.setattr(os, "access", lambda path, mode: path != str(tmp_path))
+    refused = rf"^{tmp_path}: cannot be the folder of config key 'cache_dir': not writable$"
+    with pytest.raises(UserError, match=refused):
+        config_util.require_folder(config, "cache_dir")
+    with pytest.raises(UserError, match=rf"^{tmp_path}: cannot be the maps folder: not writable$"):
+        outputs.folder(str(tmp_path), "maps folder")
+
+
 def test_cache_dir_is_made_and_a_folder_that_cannot_be_is_a_config_error(tmp_path):
     from dpiqa_jax.train.loop import validate
 
@@ -120,5 +135,6 @@ def test_cache_dir_is_made_and_a_folder_that_cannot_be_is_a_config_error(tmp_pat
     assert (tmp_path / "shared" / "caches").is_dir()
     (tmp_path / "a_file").write_text("")
     config.cache_dir = str(tmp_path / "a_file" / "caches")
-    with pytest.raises(UserError, match=r"'cache_dir': cannot make folder '.*a_file/caches' \(Not a"):
+    refused = r"a_file/caches: cannot be the folder of config key 'cache_dir': Not a directory$"
+    with pytest.raises(UserError, match=refused):
         validate(config)

@@ -12,6 +12,7 @@ from typing import Iterable
 
 import ml_collections
 
+from dpiqa_jax import outputs
 from dpiqa_jax.errors import UserError
 
 PREFIX = "--config."
@@ -129,15 +130,8 @@ def require_existing(config: ml_collections.ConfigDict, key: str) -> None:
 def require_folder(config: ml_collections.ConfigDict, key: str) -> None:
     """A folder setting, when set, must be a folder that exists or can be made, and is writable."""
     value = get(config, key)
-    if value is None:
-        return
-    path = os.path.expanduser(value)
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"config key {key!r}: cannot make folder {value!r} ({error.strerror})") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise UserError(f"config key {key!r}: folder {value!r} is not writable")
+    if value is not None:
+        outputs.folder(os.path.expanduser(value), f"folder of config key {key!r}")
 
 
 def has(config: ml_collections.ConfigDict, key: str) -> bool:
