@@ -153,6 +153,20 @@ def test_a_workdir_that_cannot_be_one_is_a_one_line_error(train_root, tmp_path):
         assert error_line(result.stderr, "train") == f"{workdir}: cannot be the run's workdir: {reason}"
 
 
+def test_a_first_run_that_fails_before_writing_anything_leaves_no_workdir(train_root, tmp_path):
+    """A dataset not yet downloaded (its manual folder empty): the one line, and no workdir holding
+    only the lock file; a workdir that existed before stays."""
+    (tmp_path / "manual").mkdir()
+    not_downloaded = ["--config.dataset.name=koniq10k", f"--config.dataset.manual_dir={tmp_path / 'manual'}",
+                      f"--config.dataset.data_dir={tmp_path / 'tfds'}"]
+    for workdir in (tmp_path / "new", tmp_path / "old"):
+        if workdir.name == "old":
+            workdir.mkdir()
+        result = run(train_command(workdir, train_root, *not_downloaded), environment(train_root))
+        assert "manual folder" in error_line(result.stderr, "train")
+        assert workdir.exists() == (workdir.name == "old")
+
+
 def assert_same_results(workdir, reference):
     """results.json equal, but for the 4-parameter logistic fit: on 8 images it is ill-posed, and
     runs whose scores agree in every other metric to the last bit have ended in different optima

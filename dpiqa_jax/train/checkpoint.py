@@ -154,6 +154,7 @@ def workdir_lock(workdir: str):
     if jax.process_index() != 0:
         yield
         return
+    new = not os.path.isdir(workdir)
     outputs.folder(workdir, "run's workdir")
     with open(os.path.join(workdir, LOCK_FILE), "a+") as f:
         try:
@@ -168,4 +169,11 @@ def workdir_lock(workdir: str):
             f.truncate(0)
             f.write(f"pid {os.getpid()} on {socket.gethostname()}")
             f.flush()
-        yield
+        try:
+            yield
+        except BaseException:  # a first run that failed before writing anything leaves no workdir
+            if new and os.listdir(workdir) == [LOCK_FILE]:
+                with contextlib.suppress(OSError):
+                    os.remove(f.name)
+                    os.rmdir(workdir)
+            raise
