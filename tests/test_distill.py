@@ -5,7 +5,18 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from train_helpers import CLI, REPO, cache_folder, check, environment, records, results, run
+from train_helpers import (
+    CLI,
+    REPO,
+    assert_same_run,
+    cache_folder,
+    check,
+    environment,
+    records,
+    results,
+    run,
+    start_processes,
+)
 
 import dpiqa_jax
 from dpiqa_jax.commands import evaluate as evaluate_command
@@ -17,15 +28,25 @@ pytestmark = pytest.mark.slow
 STUDENT_SMOKE = str(REPO / "configs" / "student_demo.py") + ":smoke"
 
 
-def test_distill_smoke_run_then_predict_and_export_its_workdir(smoke_run, train_root, tmp_path):
-    workdir = tmp_path / "student"
+def distill_command(workdir, teacher, train_root, *overrides: str) -> list[str]:
+    return CLI + ["distill", "--config", STUDENT_SMOKE, "--workdir", str(workdir), "--teacher", str(teacher),
+                  f"--config.dataset.data_dir={train_root / 'tfds'}", *overrides]
+
+
+@pytest.fixture(scope="module")
+def student_run(smoke_run, train_root, tmp_path_factory):
+    """One 1-device distillation from the smoke teacher: (its workdir, its stderr, compiles logged)."""
+    workdir = tmp_path_factory.mktemp("student") / "run"
     env = environment(train_root) | {"JAX_LOG_COMPILES": "1"}
-    command = CLI + ["distill", "--config", STUDENT_SMOKE, "--workdir", str(workdir),
-                     "--teacher", str(smoke_run), f"--config.dataset.data_dir={train_root / 'tfds'}"]
-    result = check(run(command, env))
+    return workdir, check(run(distill_command(workdir, smoke_run, train_root), env)).stderr
+
+
+def test_distill_smoke_run_then_predict_and_export_its_workdir(student_run, smoke_run, train_root, tmp_path):
+    workdir, stderr = student_run
+    env = environment(train_root)
     # compiled ahead (the stored program), while the teacher's maps were cached, and found by the first step
-    assert result.stderr.count("Finished XLA compilation of jit(stored_step)") == 1
-    assert "Finished XLA compilation of jit(distill_step)" not in result.stderr
+    assert stderr.count("Finished XLA compilation of jit(stored_step)") == 1
+    assert "Finished XLA compilation of jit(distill_step)" not in stderr
     spec = json.loads((workdir / "student.json").read_text())
     teacher_side = json.loads((smoke_run / "model.json").read_text())["latent_size"] * 8
     assert spec == {"variant": "b0", "map_channels": 8, "fc_width": 64, "image_size": teacher_side}
@@ -65,6 +86,31 @@ def test_distill_smoke_run_then_predict_and_export_its_workdir(smoke_run, train_
         # noise (measured 0.060 vs 0.044 with another batch size), so RMSE stands in for it.
         assert got["num_images"] == 8 and got["srcc"] == pytest.approx(best["srcc"], abs=1e-6)
         assert got["rmse"] == pytest.approx(best["rmse"], rel=1e-6)
+
+
+def test_distillation_as_2_processes_of_2_devices_with_fsdp_matches_1_device(student_run, smoke_run,
+                                                                            train_root, tmp_path):
+    """Multi-host distillation on a 2 (data) x 2 (fsdp) mesh: the teacher's maps cached by both
+    processes' pass (found under the same key as on 1 device), the student's batch-norm statistics
+    those of the global batch, its params and Adam state sharded: the same losses as on 1 device.
+    Only the first log window is compared: the student's training amplifies float rounding about
+    10x per window (measured against the 1-device run: 4e-7, 1.5e-4, 1e-3, 3e-3 in the four
+    windows' losses), whereas batch statistics of one device's 4 images instead of the global 16
+    would change the first window's loss by far more."""
+    workdir = tmp_path / "student"
+    procs = start_processes(distill_command(workdir, smoke_run, train_root, "--config.mesh.fsdp=2"),
+                            environment(train_root, devices=2))
+    outputs = [p.communicate(timeout=900) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(f"process {i}: {err[-2000:]}"
+                                                             for i, (_, err) in enumerate(outputs))
+    said = [line for line in outputs[0][0].splitlines() if line.startswith("dpiqa-jax: ")]  # after Gloo's
+    assert said[0].startswith("dpiqa-jax: 4 devices (cpu) in 2 processes, mesh data 2 x fsdp 2; "), said
+    reference = student_run[0]
+    maps = [cache_folder(run, "teacher_maps") for run in (reference, workdir)]  # written by process 0
+    assert maps[0].name == maps[1].name  # the teacher's digest does not depend on the mesh
+    ours, reference_maps = (np.load(folder / "teacher_map.npy") for folder in reversed(maps))
+    assert np.abs(ours - reference_maps).max() <= 1e-5 * np.abs(reference_maps).max()  # measured 9e-7
+    assert_same_run(reference, workdir, until=3, losses=("loss", "mse", "map_loss", "grad_norm"))
 
 
 def check_teacher_cache(workdir, teacher, train_root):

@@ -201,6 +201,33 @@ def test_params_digest_tells_teachers_apart():
     assert example_cache.params_digest(params) != example_cache.params_digest(other)
 
 
+def test_params_digest_is_the_same_however_the_params_are_sharded(tmp_path):
+    """The same weights on 1 device, replicated on 4, and sharded over 4 along either axis (as FSDP
+    cuts them): one digest, so that runs on any mesh find the caches of the others. Float sums on
+    the devices gave the 4-way shardings other digests (summed in another order)."""
+    script = """
+import jax, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from dpiqa_jax.train import example_cache, mesh as mesh_lib
+rng = np.random.default_rng(0)
+scale = 10.0 ** rng.integers(-3, 4, (64, 256))  # magnitudes far apart: float sums depend on the order
+params = {"kernel": (rng.standard_normal((64, 256)) * scale).astype(np.float32),
+          "bias": rng.standard_normal(256).astype(np.float32)}
+mesh = mesh_lib.make_mesh(4)  # data 1 x fsdp 4, as the trainer makes it
+specs = [{"kernel": P(), "bias": P()}, {"kernel": P("fsdp"), "bias": P("fsdp")},
+         {"kernel": P(None, "fsdp"), "bias": P()}]
+placed = [jax.device_put(params, jax.devices()[0])] + [
+    jax.device_put(params, {k: NamedSharding(mesh, v) for k, v in spec.items()}) for spec in specs]
+print(*(example_cache.params_digest(p) for p in placed))
+"""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    digests = result.stdout.split()
+    assert len(digests) == 4 and len(set(digests)) == 1, digests
+
+
 def test_the_cache_with_drawn_latents_is_a_config_error():
     from dpiqa_jax.errors import UserError
     from dpiqa_jax.train.config_util import load_config

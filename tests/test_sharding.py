@@ -5,27 +5,28 @@ import math
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 import pytest
 from train_helpers import (
     REPO,
+    RTOL,
+    assert_same_run,
+    cache_folder,
     check,
     environment,
     free_port,
-    records,
     records_or_none,
-    results,
     run,
+    start_processes,
     train_command,
 )
 
 from dpiqa_jax.train.mesh import fsdp_spec
 
 pytest_plugins = ("train_fixtures",)  # the session fixtures train_root and smoke_run
-
-RTOL = 1e-4  # 8 devices, FSDP and 2 processes agree with 1 device to this, per step and over a run
 
 
 @pytest.mark.parametrize("shape, size, spec", [
@@ -60,29 +61,6 @@ def test_step_on_8_devices_matches_1_device(tmp_path):
         assert "fsdp" in runs[name]["vae_spec"]
 
 
-def assert_same_run(reference, other, after: int = 0):
-    """Every logged train step's losses (of the windows that start after step `after`) and every
-    evaluation's metrics within RTOL."""
-    for split, names in (("train", ("loss", "mse", "grad_norm")), ("test", ("srcc", "plcc", "krcc", "rmse"))):
-        ref, got = records(reference, split), records(other, split)
-        if split == "train" and after:  # a window cut by a stop is logged in part before, in part after
-            ref, got = ([r for r in rows if r["step"] - 2 > after] for rows in (ref, got))  # log_every 3
-        assert [r["step"] for r in ref] == [r["step"] for r in got]
-        for a, b in zip(ref, got, strict=True):
-            for name in names:
-                close = math.isclose(a[name], b[name], rel_tol=RTOL, abs_tol=1e-6)
-                assert close, (split, a["step"], name, a[name], b[name])
-    assert results(reference)["best"]["srcc"]["step"] == results(other)["best"]["srcc"]["step"]
-
-
-def start_two_processes(workdir, train_root, *overrides):
-    """`demo.py:smoke` as two jax.distributed processes of two devices each, a 2 x 2 mesh."""
-    port, env = free_port(), environment(train_root, devices=2)
-    return [subprocess.Popen(train_command(workdir, train_root, "--config.mesh.fsdp=2", *overrides) + [
-        "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
-        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-
-
 # The 1-device reference is asked for after the run, so that under pytest-xdist the runs of
 # different workers overlap instead of queueing behind it.
 
@@ -93,7 +71,8 @@ def test_smoke_run_as_2_processes_of_2_devices_with_fsdp_matches_1_device(train_
     2 (data) x 2 (fsdp) mesh: multi-host, data parallelism and FSDP at once. Each process reads its
     half of every batch; params and Adam state are sharded."""
     workdir = tmp_path / "run"
-    procs = start_two_processes(workdir, train_root)
+    procs = start_processes(train_command(workdir, train_root, "--config.mesh.fsdp=2"),
+                            environment(train_root, devices=2))
     outputs = [p.communicate(timeout=900) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(f"process {i}: {err[-2000:]}"
                                                              for i, (_, err) in enumerate(outputs))
@@ -103,30 +82,61 @@ def test_smoke_run_as_2_processes_of_2_devices_with_fsdp_matches_1_device(train_
     assert said[0].startswith("dpiqa-jax: 4 devices (cpu) in 2 processes, mesh data 2 x fsdp 2; "
                               "batch 16 (4 per device)"), outputs[0][0][:1000]
     assert "dpiqa-jax:" not in outputs[1][0]
-    assert_same_run(request.getfixturevalue("smoke_run"), workdir)
+    reference = request.getfixturevalue("smoke_run")
+    assert_same_run(reference, workdir)
+    # the VAE's digest does not depend on the mesh: a cache_dir shared with 1-device runs serves both
+    assert cache_folder(workdir, "vae_posteriors").name == cache_folder(reference, "vae_posteriors").name
+
+
+def follow(stream, lines: list, marker: str = "", seen: threading.Event = None) -> threading.Thread:
+    """A started thread that appends `stream`'s lines to `lines`, and sets `seen` at `marker`'s line."""
+    def read():
+        for line in stream:
+            lines.append(line)
+            if marker and marker in line:
+                seen.set()
+    thread = threading.Thread(target=read)
+    thread.start()
+    return thread
 
 
 @pytest.mark.slow
 def test_a_2_process_run_stopped_by_sigterm_resumes_on_1_device(train_root, tmp_path, request):
     """A multi-host run preempted (SIGTERM to process 1) saves one step from both processes, with
-    params and Adam state sharded over the 2 x 2 mesh; the same command on one device (another
-    number of hosts and another mesh) resumes from that step and ends as the uninterrupted run."""
+    params and Adam state sharded over the 2 x 2 mesh, and both exit with 143; the same command on
+    one device (another number of hosts and another mesh) resumes from that step and ends as the
+    uninterrupted run. Process 1 is paused as process 0 says it stopped: were process 0 to exit
+    without waiting for it (it hosts the coordination service), process 1 would abort (134) once
+    resumed, as it sometimes did when it lagged behind process 0."""
     workdir = tmp_path / "run"
-    procs = start_two_processes(workdir, train_root)
+    procs = start_processes(train_command(workdir, train_root, "--config.mesh.fsdp=2"),
+                            environment(train_root, devices=2))
+    outs, errs, stopped = [[], []], [[], []], threading.Event()
+    readers = [follow(p.stdout, outs[i]) for i, p in enumerate(procs)] + [
+        follow(procs[0].stderr, errs[0], "stopped by SIGTERM", stopped), follow(procs[1].stderr, errs[1])]
     try:
         deadline = time.time() + 600
         while not records_or_none(workdir) and procs[1].poll() is None and time.time() < deadline:
             time.sleep(0.02)
-        assert procs[1].poll() is None, "the run ended before SIGTERM: " + procs[1].stderr.read()[-2000:]
+        assert procs[1].poll() is None, "the run ended before SIGTERM: " + "".join(errs[1])[-2000:]
         procs[1].send_signal(signal.SIGTERM)
-        outputs = [p.communicate(timeout=300) for p in procs]
+        assert stopped.wait(timeout=300), "".join(errs[0])[-2000:]
+        procs[1].send_signal(signal.SIGSTOP)
+        time.sleep(2)
+        procs[1].send_signal(signal.SIGCONT)
+        for p in procs:
+            p.wait(timeout=300)
     finally:
         for p in procs:
             p.kill()
-    assert [p.returncode for p in procs] == [143, 143], [err[-2000:] for _, err in outputs]
-    lasts = [err.strip().splitlines()[-1] for _, err in outputs]
-    step = int(lasts[0].split("after step ")[1].split(",")[0])
-    assert lasts == [lasts[0]] * 2 and lasts[0].startswith("dpiqa-jax train: stopped by SIGTERM"), lasts
+        for thread in readers:
+            thread.join()
+    errors = ["".join(lines) for lines in errs]
+    assert [p.returncode for p in procs] == [143, 143], [e[-2000:] for e in errors]
+    lasts = [[line for line in e.splitlines() if line.startswith("dpiqa-jax train: stopped by SIGTERM")]
+             for e in errors]  # before jax.distributed's lines of its shutdown
+    assert len(lasts[0]) == 1 and lasts[1] == lasts[0], lasts
+    step = int(lasts[0][0].split("after step ")[1].split(",")[0])
     saved = [p.name for p in (workdir / "checkpoints" / "latest").iterdir() if p.name.isdigit()]
     assert 3 <= step < 12 and str(step) in saved, (step, saved)
     rerun = check(run(train_command(workdir, train_root), environment(train_root)))

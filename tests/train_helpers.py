@@ -5,6 +5,7 @@ cache (see train_fixtures.py for what else is made once per session)."""
 import contextlib
 import fcntl
 import json
+import math
 import os
 import socket
 import subprocess
@@ -61,6 +62,15 @@ def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return result
 
 
+def start_processes(command: list[str], env: dict, count: int = 2) -> list[subprocess.Popen]:
+    """`command` as `count` jax.distributed processes on localhost."""
+    port = free_port()
+    return [subprocess.Popen(command + ["--coordinator", f"localhost:{port}", "--num-processes", str(count),
+                                        "--process-id", str(i)],
+                             env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(count)]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -81,6 +91,25 @@ def records_or_none(workdir: Path) -> list[str] | bool:
 def results(workdir: Path) -> dict:
     with open(workdir / "results.json") as f:
         return json.load(f)
+
+
+RTOL = 1e-4  # runs on 8 devices, with FSDP or as 2 processes agree with 1 device to this
+
+
+def assert_same_run(reference: Path, other: Path, after: int = 0, until: int = 1 << 30,
+                    losses=("loss", "mse", "grad_norm")):
+    """Every logged train step's `losses` (of the windows that start after step `after`) and every
+    evaluation's metrics, up to step `until`, within RTOL."""
+    for split, names in (("train", losses), ("test", ("srcc", "plcc", "krcc", "rmse"))):
+        ref, got = ([r for r in records(run, split) if r["step"] <= until] for run in (reference, other))
+        if split == "train" and after:  # a window cut by a stop is logged in part before, in part after
+            ref, got = ([r for r in rows if r["step"] - 2 > after] for rows in (ref, got))  # log_every 3
+        assert [r["step"] for r in ref] == [r["step"] for r in got]
+        for a, b in zip(ref, got, strict=True):
+            for name in names:
+                close = math.isclose(a[name], b[name], rel_tol=RTOL, abs_tol=1e-6)
+                assert close, (split, a["step"], name, a[name], b[name])
+    assert results(reference)["best"]["srcc"]["step"] == results(other)["best"]["srcc"]["step"]
 
 
 def cache_folder(root: Path, kind: str) -> Path:

@@ -93,6 +93,10 @@ def run_config(args, make_task=None) -> int:
         raise UserError(str(e)) from None
     except Preempted as e:
         print(f"dpiqa-jax {args.command}: {e}", file=sys.stderr)
+        if _joined:  # every process saved this step: they leave together, through the shutdown barrier;
+            import jax  # were process 0 to exit first, the others' clients would abort on losing its service
+
+            jax.distributed.shutdown()
         return EXIT_CODE
     final = results["final"]["metrics"]
     print(json.dumps({"step": results["final"]["step"], "srcc": final["srcc"], "plcc": final["plcc"]}),

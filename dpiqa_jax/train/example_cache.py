@@ -33,13 +33,32 @@ from dpiqa_jax.train.checkpoint import atomic_write
 
 
 def params_digest(params) -> str:
-    """A digest of every parameter's sum and sum of squares (computed on the devices, so sharded
-    parameters need no gathering): it tells one model from another without hashing its bytes."""
-    leaves = jax.tree.leaves(params)
-    stats = jax.jit(lambda xs: [jnp.stack([jnp.sum(x, dtype=jnp.float32), jnp.vdot(x, x).astype(jnp.float32)])
-                                for x in xs])(leaves)
-    values = np.concatenate([np.asarray(jax.device_get(s), np.float64) for s in stats])
-    return hashlib.sha256(values.tobytes()).hexdigest()
+    """A digest of every parameter's bits, the same however the parameters are sharded: per array,
+    two integer sums of its bit patterns (plain, and weighted by position), which wrap modulo 2**32
+    in any order of summation (float sums do not: the same VAE on another mesh got another digest,
+    so runs sharing a cache_dir made the cache again). Computed on the devices, so sharded
+    parameters need no gathering; the names, shapes and dtypes are hashed beside the sums."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    sums = jax.jit(lambda xs: [_bit_sums(x) for x in xs])([leaf for _, leaf in flat])
+    digest = hashlib.sha256()
+    for (path, leaf), pair in zip(flat, jax.device_get(sums), strict=True):
+        digest.update(f"{jax.tree_util.keystr(path)} {leaf.shape} {leaf.dtype};".encode())
+        digest.update(np.asarray(pair, np.uint32).tobytes())
+    return digest.hexdigest()
+
+
+_BITS = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+_MIX = 0x9E3779B1  # an odd multiplier (2**32 / golden ratio): each position weighs its bits differently
+
+
+def _bit_sums(x: jax.Array) -> jax.Array:
+    bits = jax.lax.bitcast_convert_type(x, _BITS[x.dtype.itemsize]).astype(jnp.uint32)
+    position = jnp.zeros(x.shape, jnp.uint32)  # row-major, from iotas: no reshape of a sharded array
+    for axis in range(x.ndim):
+        stride = np.uint32(math.prod(x.shape[axis + 1:]))
+        position += jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * stride
+    weight = position * np.uint32(_MIX) + np.uint32(1)
+    return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weight, dtype=jnp.uint32)])
 
 
 class ExampleCache:
