@@ -17,6 +17,7 @@ from train_helpers import (
     cache_folder,
     check,
     environment,
+    error_line,
     free_port,
     records_or_none,
     run,
@@ -144,6 +145,22 @@ def test_a_2_process_run_stopped_by_sigterm_resumes_on_1_device(train_root, tmp_
     assert said.startswith("dpiqa-jax: 1 device (cpu) in 1 process, mesh data 1 x fsdp 1; "), said
     assert said.endswith(f"resuming after step {step}"), said
     assert_same_run(request.getfixturevalue("smoke_run"), workdir, after=step)
+
+
+@pytest.mark.slow
+def test_a_nan_loss_stops_both_processes_with_the_one_line(train_root, tmp_path):
+    """Every process sees the same non-finite step (the metrics are global): both stop with the one
+    line and exit code 2, nothing saved."""
+    np.save(tmp_path / "nan.npy", np.full((64, 32), np.nan, np.float32))  # demo.py's prompt matrix shape
+    workdir = tmp_path / "nan"
+    procs = start_processes(train_command(workdir, train_root, "--config.mesh.fsdp=2",
+                                          f"--config.model.embeddings={tmp_path / 'nan.npy'}"),
+                            environment(train_root, devices=2))
+    errors = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], [e[-2000:] for e in errors]
+    for e in errors:
+        assert error_line(e, "train").startswith("non-finite loss and grad_norm at step 1: training stopped")
+    assert not [p for p in (workdir / "checkpoints" / "latest").iterdir() if p.name.isdigit()]
 
 
 def test_a_process_that_fails_stops_the_other_instead_of_hanging(train_root, tmp_path):

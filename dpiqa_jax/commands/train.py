@@ -59,6 +59,16 @@ def joined_distributed() -> bool:
     return _joined
 
 
+def leave_together() -> None:
+    """For a stop that every process makes at the same step (SIGTERM's sync point, a non-finite
+    loss): the processes leave through jax.distributed's shutdown barrier. Were process 0 to exit
+    first, the others' clients would abort on losing its coordination service."""
+    if _joined:
+        import jax
+
+        jax.distributed.shutdown()
+
+
 def collect_config_overrides(parser: argparse.ArgumentParser) -> None:
     """`--config.KEY=VALUE` flags cannot be declared ahead (keys depend on the file): the parser hands
     every argument it does not know to `args.overrides`, which `split_override_args` checks."""
@@ -90,13 +100,11 @@ def run_config(args, make_task=None) -> int:
     try:
         results = train_and_evaluate(config, args.workdir, make_task and make_task(config))
     except NonFiniteError as e:
+        leave_together()
         raise UserError(str(e)) from None
     except Preempted as e:
         print(f"dpiqa-jax {args.command}: {e}", file=sys.stderr)
-        if _joined:  # every process saved this step: they leave together, through the shutdown barrier;
-            import jax  # were process 0 to exit first, the others' clients would abort on losing its service
-
-            jax.distributed.shutdown()
+        leave_together()
         return EXIT_CODE
     final = results["final"]["metrics"]
     print(json.dumps({"step": results["final"]["step"], "srcc": final["srcc"], "plcc": final["plcc"]}),
