@@ -12,6 +12,7 @@ from train_helpers import (
     cache_folder,
     check,
     environment,
+    locked,
     records,
     results,
     run,
@@ -33,12 +34,16 @@ def distill_command(workdir, teacher, train_root, *overrides: str) -> list[str]:
                   f"--config.dataset.data_dir={train_root / 'tfds'}", *overrides]
 
 
-@pytest.fixture(scope="module")
-def student_run(smoke_run, train_root, tmp_path_factory):
-    """One 1-device distillation from the smoke teacher: (its workdir, its stderr, compiles logged)."""
-    workdir = tmp_path_factory.mktemp("student") / "run"
-    env = environment(train_root) | {"JAX_LOG_COMPILES": "1"}
-    return workdir, check(run(distill_command(workdir, smoke_run, train_root), env)).stderr
+@pytest.fixture(scope="session")
+def student_run(smoke_run, train_root):
+    """One 1-device distillation from the smoke teacher, made once for every xdist worker: (its
+    workdir, its stderr, with the compiles logged)."""
+    workdir, stderr = train_root / "student_1device", train_root / "student_1device.stderr"
+    with locked(workdir):
+        if not stderr.exists():
+            env = environment(train_root) | {"JAX_LOG_COMPILES": "1"}
+            stderr.write_text(check(run(distill_command(workdir, smoke_run, train_root), env)).stderr)
+    return workdir, stderr.read_text()
 
 
 def test_distill_smoke_run_then_predict_and_export_its_workdir(student_run, smoke_run, train_root, tmp_path):
