@@ -12,10 +12,12 @@ from train_helpers import (
     cache_folder,
     check,
     environment,
+    finish,
     locked,
     records,
     results,
     run,
+    run_line,
     start_processes,
 )
 
@@ -105,11 +107,8 @@ def test_distillation_as_2_processes_of_2_devices_with_fsdp_matches_1_device(stu
     workdir = tmp_path / "student"
     procs = start_processes(distill_command(workdir, smoke_run, train_root, "--config.mesh.fsdp=2"),
                             environment(train_root, devices=2))
-    outputs = [p.communicate(timeout=900) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(f"process {i}: {err[-2000:]}"
-                                                             for i, (_, err) in enumerate(outputs))
-    said = [line for line in outputs[0][0].splitlines() if line.startswith("dpiqa-jax: ")]  # after Gloo's
-    assert said[0].startswith("dpiqa-jax: 4 devices (cpu) in 2 processes, mesh data 2 x fsdp 2; "), said
+    said = run_line(finish(procs)[0][0])
+    assert said.startswith("dpiqa-jax: 4 devices (cpu) in 2 processes, mesh data 2 x fsdp 2; "), said
     reference = student_run[0]
     maps = [cache_folder(run, "teacher_maps") for run in (reference, workdir)]  # written by process 0
     assert maps[0].name == maps[1].name  # the teacher's digest does not depend on the mesh

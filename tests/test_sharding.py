@@ -18,9 +18,11 @@ from train_helpers import (
     check,
     environment,
     error_line,
+    finish,
     free_port,
     records_or_none,
     run,
+    run_line,
     start_processes,
     train_command,
 )
@@ -74,14 +76,10 @@ def test_smoke_run_as_2_processes_of_2_devices_with_fsdp_matches_1_device(train_
     workdir = tmp_path / "run"
     procs = start_processes(train_command(workdir, train_root, "--config.mesh.fsdp=2"),
                             environment(train_root, devices=2))
-    outputs = [p.communicate(timeout=900) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(f"process {i}: {err[-2000:]}"
-                                                             for i, (_, err) in enumerate(outputs))
-    # Process 0 says that both processes and their 4 devices joined (Gloo's own lines come first);
-    # process 1 prints no status.
-    said = [line for line in outputs[0][0].splitlines() if line.startswith("dpiqa-jax: ")]
-    assert said[0].startswith("dpiqa-jax: 4 devices (cpu) in 2 processes, mesh data 2 x fsdp 2; "
-                              "batch 16 (4 per device)"), outputs[0][0][:1000]
+    outputs = finish(procs)
+    # Process 0 says that both processes and their 4 devices joined; process 1 prints no status.
+    assert run_line(outputs[0][0]).startswith("dpiqa-jax: 4 devices (cpu) in 2 processes, mesh data 2 x "
+                                              "fsdp 2; batch 16 (4 per device)"), outputs[0][0][:1000]
     assert "dpiqa-jax:" not in outputs[1][0]
     reference = request.getfixturevalue("smoke_run")
     assert_same_run(reference, workdir)

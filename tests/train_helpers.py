@@ -71,6 +71,19 @@ def start_processes(command: list[str], env: dict, count: int = 2) -> list[subpr
             for i in range(count)]
 
 
+def finish(procs: list[subprocess.Popen], timeout: int = 900) -> list[tuple[str, str]]:
+    """Each process's (stdout, stderr), once all have ended, each with exit code 0."""
+    outputs = [p.communicate(timeout=timeout) for p in procs]
+    assert [p.returncode for p in procs] == [0] * len(procs), "\n".join(
+        f"process {i}: {err[-2000:]}" for i, (_, err) in enumerate(outputs))
+    return outputs
+
+
+def run_line(stdout: str) -> str:
+    """The run's first status line (`dpiqa-jax: N devices ...`), after anything Gloo prints first."""
+    return next(line for line in stdout.splitlines() if line.startswith("dpiqa-jax: "))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
