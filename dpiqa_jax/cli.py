@@ -9,7 +9,7 @@ import traceback
 from dpiqa_jax.commands.train import joined_distributed
 from dpiqa_jax.errors import UserError
 
-COMMANDS = ("train", "evaluate", "distill", "export", "predict", "embed_prompts")
+COMMANDS = ("train", "evaluate", "distill", "export", "predict", "embed_prompts", "caches")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -188,8 +188,9 @@ except UserError as error:
     assert result.returncode == 0, result.stderr[-2000:]
     (folder,) = [line for line in result.stdout.splitlines() if not line.startswith("dpiqa-jax:")]
     assert folder.startswith(str(tmp_path / "maps")), folder
-    assert folder.endswith(": no room for this cache (2.0 MiB): File too large; free space there or set "
-                           "cache_dir to another folder"), folder
+    assert folder.endswith(": no room for this cache (2.0 MiB): File too large; free space there (`dpiqa-jax "
+                           "caches FOLDER --unused-for DAYS` removes old caches) or set cache_dir to another "
+                           "folder"), folder
     assert list((tmp_path / "maps").iterdir()) == []
 
 

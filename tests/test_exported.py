@@ -3,6 +3,7 @@ one program per key, a damaged file made again, the plain step where export is r
 run going on where the program cannot be written."""
 import errno
 import os
+import time
 
 import jax
 import numpy as np
@@ -39,10 +40,13 @@ def refuse(*_args, **_kwargs):
 def test_the_stored_step_is_the_jitted_step_from_a_cold_and_a_warm_start(tmp_path, monkeypatch):
     step, args, mesh = setup()
     cold = exported.train_step(step, args, IDENTITY, mesh, str(tmp_path))
-    assert isinstance(cold, exported.FlatStep) and len(list(tmp_path.glob("*.bin"))) == 1
+    (stored,) = tmp_path.glob("*.bin")
+    assert isinstance(cold, exported.FlatStep)
+    os.utime(stored, (0, 0))
     monkeypatch.setattr(exported.export, "export", refuse)  # a warm start reads, never exports
     warm = exported.train_step(step, args, IDENTITY, mesh, str(tmp_path))
     assert isinstance(warm, exported.FlatStep)
+    assert stored.stat().st_mtime > time.time() - 60  # marked used, for `dpiqa-jax caches`
     want = two_steps(step, args)
     for got in (two_steps(cold, args), two_steps(warm, args)):
         jax.tree.map(np.testing.assert_array_equal, got, want)
@@ -80,7 +84,9 @@ def test_a_refused_export_leaves_the_plain_step_and_is_remembered(tmp_path, monk
     assert why.read_text() == "ValueError: refused\nsecond line\n"
     assert capsys.readouterr().err.count("\n") == 1
     monkeypatch.setattr(exported.export, "export", lambda *a, **k: pytest.fail("export tried again"))
+    os.utime(why, (0, 0))
     assert exported.train_step(step, args, IDENTITY, mesh, str(tmp_path)) is step
+    assert why.stat().st_mtime > time.time() - 60  # marked used
 
 
 def test_a_program_that_cannot_be_stored_still_runs_and_says_why(tmp_path, capsys):

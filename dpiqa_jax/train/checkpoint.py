@@ -142,6 +142,16 @@ def atomic_write(path: str, write) -> None:
         raise
 
 
+def mark_used(path: str) -> bool:
+    """Sets `path`'s modification time to now, its last use for `dpiqa-jax caches` (on read-only
+    storage it stays); False where there is no `path`."""
+    if not os.path.exists(path):
+        return False
+    with contextlib.suppress(OSError):
+        os.utime(path)
+    return True
+
+
 LOCK_FILE = ".lock"
 
 

@@ -5,13 +5,14 @@ Two users: distillation's teacher maps (`student.cache_teacher`) and the teacher
 pass over the train part replaces a frozen forward pass in every step.
 
 A cache is the folder `ROOT/KIND/KEY/` (`ROOT` the workdir, or the config's `cache_dir` shared by
-runs), `KEY` a digest of what made it: the model's parameters, the dataset, the train examples,
-the image size, the shapes. It holds `NAME.npy` (float32, read as memory maps) and `identity.json`
-(that record). A build writes a folder of its own and renames it into place when complete, so a
-killed build is never used; when runs build the same cache at once, the first to finish renames
-its folder into place and the others drop theirs. The processes of a multi-host run decide
-together: the pass runs when any of them lacks the cache, and process 0 writes for every process
-that sees its files (a shared file system), the others for themselves (a local `cache_dir`).
+runs), `KEY` a digest of what made it: the model's parameters, the dataset, the train examples, the
+image size, the shapes. It holds `NAME.npy` (float32, read as memory maps) and `identity.json` (that
+record; its modification time is the cache's last use, for `dpiqa-jax caches`). A build writes a
+folder of its own and renames it into place when complete, so a killed build is never used; when
+runs build the same cache at once, the first to finish renames its folder into place and the others
+drop theirs. The processes of a multi-host run decide together: the pass runs when any of them lacks
+the cache, and process 0 writes for every process that sees its files (a shared file system), the
+others for themselves (a local `cache_dir`).
 """
 import errno
 import hashlib
@@ -29,7 +30,7 @@ from jax.experimental import multihost_utils
 
 from dpiqa_jax.errors import UserError
 from dpiqa_jax.train import mesh as mesh_lib
-from dpiqa_jax.train.checkpoint import atomic_write
+from dpiqa_jax.train.checkpoint import atomic_write, mark_used
 
 
 def params_digest(params) -> str:
@@ -88,7 +89,7 @@ def load_or_build(root: str, kind: str, identity: dict, indices: np.ndarray, sha
     identity = {**identity, "examples": hashlib.sha256(indices.tobytes()).hexdigest(),
                 "shapes": {name: list(shape) for name, shape in shapes.items()}}
     folder = cache_folder(root, kind, identity)
-    lacking = np.array([_read_identity(folder) != identity])
+    lacking = np.array([read_identity(folder) != identity])
     several = jax.process_count() > 1
     if several:
         lacking = multihost_utils.process_allgather(lacking).ravel()  # every process's answer, in order
@@ -103,8 +104,9 @@ def load_or_build(root: str, kind: str, identity: dict, indices: np.ndarray, sha
         _build(folder, identity, indices, shapes, compute, write)
         if several:
             multihost_utils.sync_global_devices(f"example cache built: {kind}")
-            if _read_identity(folder) != identity:
+            if read_identity(folder) != identity:
                 raise RuntimeError(f"{folder}: process 0 built this cache, but this process cannot read it")
+    mark_used(os.path.join(folder, IDENTITY))
     return ExampleCache(indices, {name: np.load(os.path.join(folder, f"{name}.npy"), mmap_mode="r")
                                   for name in shapes})
 
@@ -158,7 +160,7 @@ def _build(folder: str, identity: dict, indices: np.ndarray, shapes: dict[str, t
     try:
         os.rename(tmp, folder)
     except OSError:  # `folder` exists: complete (another run's, the same arrays) or not
-        if _read_identity(folder) == identity:
+        if read_identity(folder) == identity:
             shutil.rmtree(tmp)
             return
         shutil.rmtree(folder, ignore_errors=True)  # damaged by hand: ours replaces it
@@ -180,10 +182,17 @@ def _allocate(folder: str, tmp: str, shapes: dict[str, tuple]) -> dict[str, np.n
         if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
-        size = sum(4 * math.prod(shape) for shape in shapes.values())
-        size = f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
-        raise UserError(f"{folder}: no room for this cache ({size}): {error.strerror}; free space there or "
-                        f"set cache_dir to another folder") from None
+        size = human_size(sum(4 * math.prod(shape) for shape in shapes.values()))
+        raise UserError(f"{folder}: no room for this cache ({size}): {error.strerror}; free space there "
+                        f"(`dpiqa-jax caches FOLDER --unused-for DAYS` removes old caches) or set cache_dir "
+                        f"to another folder") from None
+
+
+def human_size(size: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size / 2**10:.1f} KiB"
 
 
 def _sees_process_0s_files(parent: str) -> bool:
@@ -209,11 +218,11 @@ def _remove_abandoned(folder: str) -> None:
     parent = os.path.dirname(folder)
     for name in os.listdir(parent):
         pid = name[len(prefix):] if name.startswith(prefix) else ""
-        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+        if pid.isdigit() and (int(pid) == os.getpid() or not alive(int(pid))):
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)  # no signal: only asks whether the process exists
     except ProcessLookupError:
@@ -223,7 +232,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _read_identity(folder: str):
+def read_identity(folder: str):
     try:
         with open(os.path.join(folder, IDENTITY)) as f:
             return json.load(f)

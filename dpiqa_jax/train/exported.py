@@ -25,17 +25,20 @@ from jax.sharding import Mesh
 
 import dpiqa_jax
 from dpiqa_jax.train import mesh as mesh_lib
-from dpiqa_jax.train.checkpoint import atomic_write
+from dpiqa_jax.train.checkpoint import atomic_write, mark_used
 
 # Custom calls that export's check refuses for want of a compatibility promise, which a program
 # read back by the same versions on the same machine does not need: cuDNN's fused attention.
 LOCAL_CUSTOM_CALLS = ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward")
 
 
+FOLDER = "dpiqa_steps"
+
+
 def default_dir() -> Optional[str]:
     """`dpiqa_steps` in JAX's persistent compilation cache, or None where that cache is off."""
     cache = jax.config.jax_compilation_cache_dir
-    return os.path.join(cache, "dpiqa_steps") if cache else None
+    return os.path.join(cache, FOLDER) if cache else None
 
 
 class FlatStep:
@@ -63,7 +66,7 @@ def train_step(step: Callable, args: tuple, identity: dict, mesh: Mesh, director
     state, *rest = args
     treedef = jax.tree.structure(state)
     path = os.path.join(directory, _key(identity, args, mesh))
-    if os.path.exists(path + ".refused"):
+    if mark_used(path + ".refused"):
         return step
     shardings = jax.tree.map(lambda x: x.sharding, (jax.tree.leaves(state), *rest))
     outputs = (shardings[0], mesh_lib.replicated(mesh))
@@ -105,9 +108,11 @@ def _read(path: str):
     """The stored program, or None if there is none or it cannot be read (then it is made again)."""
     try:
         with open(path, "rb") as f:
-            return export.deserialize(bytearray(f.read()))
+            program = export.deserialize(bytearray(f.read()))
     except Exception:  # noqa: BLE001 -- no file, or a damaged one: the program is made again
         return None
+    mark_used(path)
+    return program
 
 
 @functools.lru_cache(maxsize=None)
