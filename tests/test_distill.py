@@ -8,6 +8,7 @@ from PIL import Image
 from train_helpers import (
     CLI,
     REPO,
+    assert_same_results,
     assert_same_run,
     cache_folder,
     check,
@@ -19,6 +20,9 @@ from train_helpers import (
     run,
     run_line,
     start_processes,
+    stop_with_sigterm,
+    without_clock,
+    without_fit,
 )
 
 import dpiqa_jax
@@ -93,6 +97,24 @@ def test_distill_smoke_run_then_predict_and_export_its_workdir(student_run, smok
         # noise (measured 0.060 vs 0.044 with another batch size), so RMSE stands in for it.
         assert got["num_images"] == 8 and got["srcc"] == pytest.approx(best["srcc"], abs=1e-6)
         assert got["rmse"] == pytest.approx(best["rmse"], rel=1e-6)
+
+
+def test_a_distillation_stopped_by_sigterm_resumes_and_ends_as_the_uninterrupted_one(student_run, smoke_run,
+                                                                                     train_root, tmp_path):
+    """SIGTERM once the student trains: the step is saved with its batch-norm statistics, Adam state,
+    RNG and data position; the rerun reuses the teacher maps the first run cached and ends, on the
+    CPU, with the uninterrupted distillation's every evaluation and results to the last bit."""
+    workdir = tmp_path / "preempted"
+    command = distill_command(workdir, smoke_run, train_root)
+    stdout, step = stop_with_sigterm(command, environment(train_root), workdir, "distill")
+    assert 3 <= step < 12 and f"{cache_folder(workdir, 'teacher_maps')}: one pass over" in stdout
+    rerun = check(run(command, environment(train_root))).stdout
+    assert f"resuming after step {step}\n" in rerun and "one pass over" not in rerun
+    reference = student_run[0]
+    assert_same_results(workdir, reference)
+    assert without_fit(records(workdir, "test")) == without_fit(records(reference, "test"))
+    later = lambda rows: [r for r in without_clock(rows) if r["step"] > 6]  # noqa: E731 (full windows)
+    assert later(records(workdir, "train")) == later(records(reference, "train"))
 
 
 def test_distillation_as_2_processes_of_2_devices_with_fsdp_matches_1_device(student_run, smoke_run,

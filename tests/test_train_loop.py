@@ -12,15 +12,18 @@ import pytest
 from train_helpers import (
     CLI,
     REPO,
+    assert_same_results,
     cache_folder,
     check,
     environment,
     error_line,
     records,
-    records_or_none,
     results,
     run,
+    stop_with_sigterm,
     train_command,
+    without_clock,
+    without_fit,
 )
 
 from dpiqa_jax.teacher import restore_teacher
@@ -91,25 +94,12 @@ def test_sigterm_saves_the_current_step_and_a_rerun_resumes(smoke_run, train_roo
     says so in one line and exits with 143; the rerun ends as the uninterrupted run."""
     workdir = tmp_path / "preempted"
     started = time.time()
-    process = subprocess.Popen(train_command(workdir, train_root), env=environment(train_root), cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 600
-    while not records_or_none(workdir) and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert process.poll() is None, "the run ended before SIGTERM: " + process.stderr.read()[-2000:]
-    process.send_signal(signal.SIGTERM)
-    stdout, stderr = process.communicate(timeout=300)
+    stdout, step = stop_with_sigterm(train_command(workdir, train_root), environment(train_root), workdir)
     elapsed = time.time() - started
     # Status lines go to stdout with the evaluations; the progress bar and errors to stderr.
     first = re.search(r"first step done ([0-9.]+) s after the command started \(compile included\)", stdout)
     assert first and 1 < float(first[1]) < elapsed, stdout[-2000:]  # imports alone take over a second
-    last = stderr.strip().splitlines()[-1]
-    assert process.returncode == 143, stderr[-2000:]
-    step = int(last.split("after step ")[1].split(",")[0])
-    assert last == (f"dpiqa-jax train: stopped by SIGTERM after step {step}, which is saved: run the same "
-                    f"command again to resume")
-    assert 3 <= step < 12 and (workdir / "checkpoints" / "latest" / str(step)).is_dir()
-    assert not (workdir / "results.json").exists()
+    assert 3 <= step < 12
     run_line = ("dpiqa-jax: 1 device (cpu) in 1 process, mesh data 1 x fsdp 1; batch 16 (16 per device), "
                 "24 train images; steps: 12 (1 per epoch), ")
     assert stdout.startswith(run_line + "from step 0\n"), stdout[:500]
@@ -165,31 +155,6 @@ def test_a_first_run_that_fails_before_writing_anything_leaves_no_workdir(train_
         result = run(train_command(workdir, train_root, *not_downloaded), environment(train_root))
         assert "manual folder" in error_line(result.stderr, "train")
         assert workdir.exists() == (workdir.name == "old")
-
-
-def assert_same_results(workdir, reference):
-    """results.json equal, but for the 4-parameter logistic fit: on 8 images it is ill-posed, and
-    runs whose scores agree in every other metric to the last bit have ended in different optima
-    (rmse_logistic 0.1298 vs 0.1276; plcc_logistic equal). Issue 4 notes it as open."""
-    def strip(tree):
-        if isinstance(tree, dict):
-            return {k: strip(v) for k, v in tree.items() if k not in FIT}
-        return tree
-
-    got, ref = results(workdir), results(reference)
-    assert strip(got) == strip(ref)
-    assert got["final"]["metrics"]["plcc_logistic"] == pytest.approx(ref["final"]["metrics"]["plcc_logistic"])
-
-
-FIT = ("plcc_logistic", "rmse_logistic")
-
-
-def without_fit(rows, dropped=FIT):
-    return [{k: v for k, v in r.items() if k not in dropped} for r in rows]
-
-
-def without_clock(rows):
-    return without_fit(rows, FIT + ("images_per_second",))
 
 
 def test_a_nan_loss_stops_the_run_and_saves_nothing(train_root, tmp_path):

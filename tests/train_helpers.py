@@ -7,9 +7,11 @@ import fcntl
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,6 +62,53 @@ def run(command: list[str], env: dict, timeout: int = 600) -> subprocess.Complet
 def check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def stop_with_sigterm(command: list[str], env: dict, workdir: Path, name: str = "train") -> tuple[str, int]:
+    """`dpiqa-jax NAME` (`command`) sent SIGTERM once its first train record is written (a preempted
+    machine): it exits with 143 and one line naming the step it saved. (its stdout, that step)."""
+    process = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.time() + 600
+    while not records_or_none(workdir) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before SIGTERM: " + process.stderr.read()[-2000:]
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 143, stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    step = int(last.split("after step ")[1].split(",")[0])
+    assert last == (f"dpiqa-jax {name}: stopped by SIGTERM after step {step}, which is saved: run the same "
+                    f"command again to resume")
+    assert (workdir / "checkpoints" / "latest" / str(step)).is_dir()
+    assert not (workdir / "results.json").exists()
+    return stdout, step
+
+
+FIT = ("plcc_logistic", "rmse_logistic")  # the 4-parameter logistic fit's metrics
+
+
+def assert_same_results(workdir: Path, reference: Path):
+    """results.json equal, but for the 4-parameter logistic fit: on 8 images it is ill-posed, and
+    runs whose scores agree in every other metric to the last bit have ended in different optima
+    (rmse_logistic 0.1298 vs 0.1276; plcc_logistic equal). Issue 4 notes it as open."""
+    def strip(tree):
+        if isinstance(tree, dict):
+            return {k: strip(v) for k, v in tree.items() if k not in FIT}
+        return tree
+
+    got, ref = results(workdir), results(reference)
+    assert strip(got) == strip(ref)
+    assert math.isclose(got["final"]["metrics"]["plcc_logistic"], ref["final"]["metrics"]["plcc_logistic"],
+                        rel_tol=1e-6)
+
+
+def without_fit(rows: list[dict], dropped=FIT) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in dropped} for r in rows]
+
+
+def without_clock(rows: list[dict]) -> list[dict]:
+    return without_fit(rows, FIT + ("images_per_second",))
 
 
 def start_processes(command: list[str], env: dict, count: int = 2) -> list[subprocess.Popen]:
