@@ -106,12 +106,10 @@ def export_student(spec: StudentSpec, variables: Variables, fmt: str, output) ->
     output = os.fspath(output)
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}: choose from {', '.join(FORMATS)}")
-    if fmt in SUFFIX and not output.endswith(SUFFIX[fmt]):
-        raise UserError(f"{output}: a {fmt} export must end in {SUFFIX[fmt]}")
     if fmt == "savedmodel":
         outputs.folder(output, "SavedModel folder")
     else:
-        outputs.file(output)
+        outputs.file(output, (SUFFIX[fmt],) if fmt in SUFFIX else (), f"a {fmt} export")
     WRITERS[fmt](spec, variables, output)
     side = spec.image_size
     images = np.random.default_rng(0).random((CHECK_IMAGES, side, side, 3), np.float32)

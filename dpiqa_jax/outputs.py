@@ -17,10 +17,10 @@ def folder(path: str, what: str = "output folder") -> str:
     return path
 
 
-def file(path: str, suffixes: tuple[str, ...] = ()) -> str:
+def file(path: str, suffixes: tuple[str, ...] = (), what: str = "the output") -> str:
     """`path`, ending in one of `suffixes` (if given), not a folder, its folder made."""
     if suffixes and not path.endswith(suffixes):
-        raise UserError(f"{path}: the output must end in {' or '.join(suffixes)}")
+        raise UserError(f"{path}: {what} must end in {' or '.join(suffixes)}")
     if os.path.isdir(path):
         raise UserError(f"{path}: is a folder; give a file name")
     folder(os.path.dirname(os.path.abspath(path)), "output file's folder")

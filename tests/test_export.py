@@ -146,7 +146,7 @@ def test_export_refuses_a_file_that_does_not_reload_to_the_model(tmp_path, stude
     monkeypatch.setitem(export_lib.WRITERS, "msgpack", save_perturbed)
     with pytest.raises(ExportError, match="max rel error"):
         export_student(SPEC, student[0], "msgpack", tmp_path / "student.msgpack")
-    with pytest.raises(UserError, match=r"must end in \.msgpack"):
+    with pytest.raises(UserError, match=r"student.bin: a msgpack export must end in \.msgpack$"):
         export_student(SPEC, student[0], "msgpack", tmp_path / "student.bin")
 
 
