@@ -3,13 +3,15 @@
 # PyTorch baseline in the same process) and two `startup.py` runs, on whatever device JAX and
 # PyTorch see.
 #
-#   benchmarks/gpu_table.sh OUT [RUN ...]     RUN: teacher student uncached xla cold warm (default: all, in order)
+#   benchmarks/gpu_table.sh OUT [RUN ...]     RUN: teacher student uncached xla remat cold warm (default: all, in order)
 #
 #   teacher  teacher training step and inference (the config's defaults: bfloat16, fused attention,
 #            cached VAE posteriors)
 #   student  U-Net alone, student distillation step and student inference
 #   uncached teacher training step with the VAE's forward pass in the step (no cached posteriors)
 #   xla      teacher training step with XLA's attention instead of the fused kernel
+#   remat    teacher training step keeping every intermediate for the backward pass (model.remat=off;
+#            the configs' matmuls keeps only the convolutions' and dense layers' outputs)
 #   cold     issue 7's startup figure (benchmarks/startup.py): `dpiqa-jax train` on the full-size
 #            teacher to the end of its first step, with emptied caches (OUT/start_cache)
 #   warm     the same command again, with the caches the cold run left
@@ -20,10 +22,10 @@
 #   SPEED_ARGS="--tiny --batch 4 --steps 2 --warmup 1" STARTUP_ARGS="--config configs/demo.py:smoke" \
 #     benchmarks/gpu_table.sh /tmp/table teacher cold warm
 set -uo pipefail
-out=${1:?usage: benchmarks/gpu_table.sh OUT [teacher student uncached xla cold warm]}
+out=${1:?usage: benchmarks/gpu_table.sh OUT [teacher student uncached xla remat cold warm]}
 shift
 runs=("$@")
-[ ${#runs[@]} -gt 0 ] || runs=(teacher student uncached xla cold warm)
+[ ${#runs[@]} -gt 0 ] || runs=(teacher student uncached xla remat cold warm)
 here=$(dirname "$0")
 repo=$(cd "$here/.." && pwd)
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"  # dpiqa_jax from this checkout, installed or not
@@ -40,9 +42,10 @@ for run in "${runs[@]}"; do
     student) command=("${speed[@]}" --jobs unet student_distill student_infer "${speed_extra[@]}") ;;
     uncached) command=("${speed[@]}" --jobs teacher_train --cache-posteriors off "${speed_extra[@]}") ;;
     xla) command=("${speed[@]}" --jobs teacher_train --attention xla "${speed_extra[@]}") ;;
+    remat) command=("${speed[@]}" --jobs teacher_train --remat off "${speed_extra[@]}") ;;
     cold) command=("${startup[@]}" --cold) ;;
     warm) command=("${startup[@]}") ;;
-    *) echo "gpu_table.sh: unknown run '$run' (teacher, student, uncached, xla, cold, warm)" >&2; exit 2 ;;
+    *) echo "gpu_table.sh: unknown run '$run' (teacher, student, uncached, xla, remat, cold, warm)" >&2; exit 2 ;;
   esac
   start=$SECONDS
   env PYTHONUNBUFFERED=1 timeout "${LIMIT:-420}" "${command[@]}" > "$out/$run.log" 2>&1

@@ -53,7 +53,7 @@ from dpiqa_jax import teacher  # noqa: E402
 from dpiqa_jax.models.attention import IMPLEMENTATIONS  # noqa: E402
 from dpiqa_jax.models.dpiqa import DPIQA, TIMESTEP, TeacherConfig  # noqa: E402
 from dpiqa_jax.models.student import Student  # noqa: E402
-from dpiqa_jax.models.unet import UNetFeatures  # noqa: E402
+from dpiqa_jax.models.unet import REMAT, UNetFeatures  # noqa: E402
 from dpiqa_jax.train import distill, exported, loop, schedule  # noqa: E402
 from dpiqa_jax.train import mesh as mesh_lib  # noqa: E402
 from dpiqa_jax.train import state as state_lib  # noqa: E402
@@ -85,7 +85,8 @@ def parse_args(argv=None):
     p.add_argument("--jobs", nargs="+", choices=JOBS, default=list(JOBS), help="a subset of the jobs")
     p.add_argument("--dtype", choices=("bfloat16", "float32"),
                    help="our compute dtype, params stay float32 (default: the config's)")
-    p.add_argument("--remat", action="store_true", help="rematerialise the U-Net's layers (model.remat)")
+    p.add_argument("--remat", choices=REMAT, help="what the U-Net's layers keep for the backward pass "
+                                                 "(model.remat; default: the config's, off)")
     p.add_argument("--attention", choices=IMPLEMENTATIONS, default="auto",
                    help="our U-Net's attention kernel (model.attention)")
     p.add_argument("--cache-posteriors", choices=("on", "off"),
@@ -156,7 +157,7 @@ def load_configs(args):
         if args.cache_posteriors:
             config.model.cache_posteriors = args.cache_posteriors == "on"
     teacher.model.sd_dir = teacher.model.init_from = None
-    teacher.model.remat = args.remat
+    teacher.model.remat = args.remat or teacher.model.remat
     student.student.imagenet = None
     student.student.cache_teacher = False  # the job times the teacher's forward pass in the step
     return configs
@@ -680,7 +681,8 @@ def make_report(args, setup: Setup, jobs, ours: dict, baseline: dict, run: Optio
             "batch": args.batch, "image_size": setup.teacher_cfg.image_size, "dtype": {
                 "ours": setup.teacher_config.model.dtype, "ours_params": "float32",
                 "baseline": run and run.precision()},
-            "remat": args.remat, "attention": args.attention, "steps": args.steps, "warmup": args.warmup,
+            "remat": setup.teacher_config.model.remat, "attention": args.attention, "steps": args.steps,
+            "warmup": args.warmup,
             "cached_posteriors": setup.teacher_config.model.cache_posteriors,
             "memory_goal": MEMORY_GOAL, "jobs": rows}
 
@@ -709,6 +711,7 @@ def table(report: dict) -> str:
     lines = [f"DP-IQA speed, batch {report['batch']}, {report['image_size']} px, {report['steps']} steps "
              f"after {report['warmup']} warm-up; ours {dtype['ours']} (float32 params) on {device['jax']}, "
              f"{baseline}; VAE posteriors {'cached' if report['cached_posteriors'] else 'in the step'}; "
+             f"remat {report['remat']}; "
              f"{report['date']}", "",
              "| job | ours images/s | baseline images/s | ratio | goal | ours peak GiB | baseline peak GiB "
              "| ours compile s | score rel diff |", "|" + " --- |" * 9]

@@ -30,6 +30,7 @@ def get_config(arg=None):
     config.model.embeddings = None
     config.model.num_prompts = 64
     config.model.dtype = "float32"
+    config.model.remat = "off"  # a tiny model: memory to spare
     config.optim.lr = 1e-3
     config.optim.schedule = "cosine"
     config.optim.warmup_steps = 50

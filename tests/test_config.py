@@ -93,6 +93,9 @@ def test_validation_names_bad_choices_and_missing_paths():
     config.model.latents = "median"
     with pytest.raises(UserError, match="'model.latents' is 'median'; choose one of 'sample', 'mean'"):
         validate(config)
+    config.model.latents, config.model.remat = "mean", "true"  # a bool before there were three modes
+    with pytest.raises(UserError, match="'model.remat' is 'true'; choose one of 'off', 'matmuls', 'full'"):
+        validate(config)
     config = config_util.load_config(str(CONFIGS / "koniq10k.py"))
     with pytest.raises(UserError, match="config key 'model.sd_dir': path '~/models/stable-diffusion-v1-5'"):
         validate(config)

@@ -58,7 +58,8 @@ def test_bfloat16_compute_stays_close_to_float32():
     assert rel_err(half[1].astype(jnp.float32), full[1]) < 5e-2
 
 
-def test_remat_computes_the_same_outputs_and_gradients():
+@pytest.mark.parametrize("remat", ["matmuls", "full"])
+def test_remat_computes_the_same_outputs_and_gradients(remat):
     _, cfg, params = tiny_pair(seed=2)
     rng = np.random.default_rng(3)
     images = jnp.asarray(rng.random((2, 64, 64, 3), dtype=np.float32))
@@ -70,11 +71,38 @@ def test_remat_computes_the_same_outputs_and_gradients():
             return jnp.sum(score) + jnp.mean(fmap**2)
         return jax.jit(jax.value_and_grad(loss))(params)
 
-    (plain_loss, plain), (remat_loss, remat) = grads(False), grads(True)
+    (plain_loss, plain), (remat_loss, remat) = grads("off"), grads(remat)
     assert jax.tree.structure(remat) == jax.tree.structure(plain)  # the same parameter names
     np.testing.assert_allclose(remat_loss, plain_loss, rtol=1e-6)
     assert rel_err(jnp.concatenate([g.ravel() for g in jax.tree.leaves(remat)]),
                    jnp.concatenate([g.ravel() for g in jax.tree.leaves(plain)])) < 1e-5
+
+
+def test_each_remat_keeps_what_it_says_for_the_backward_pass():
+    """What the U-Net's resnets and transformers keep (the jaxpr's saved residuals): with 'off' the
+    softmax, GELU and norm intermediates too; with 'matmuls' the convolutions' and dense layers'
+    outputs and none of those; with 'full' only each layer's input (the previous one's output)."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    _, cfg, params = tiny_pair(seed=2)
+    images, latents, prompts = jnp.zeros((2, 64, 64, 3)), jnp.zeros((2, 8, 8, 4)), jnp.zeros((7, 32))
+    layers = ("(ResnetBlock2D.", "(Transformer2D.", "(TransformerBlock.", "(Attention.")
+
+    def kept(remat):
+        def loss(p):
+            model = DPIQA(cfg, remat=remat)
+            return jnp.sum(model.apply({"params": p}, images, latents, prompts, method="from_latents")[0])
+        residuals = saved_residuals(loss, params)
+        made_by = {why.split("output of ")[1].split()[0] for _, why in residuals
+                   if "output of " in why and any(layer in why for layer in layers)}
+        return sum(aval.size for aval, why in residuals if "from the argument" not in why), made_by
+
+    (off, off_kinds), (matmuls, matmul_kinds), (full, full_kinds) = map(kept, ("off", "matmuls", "full"))
+    assert full < matmuls < off
+    recomputed = {"exp", "erfc", "rsqrt"}  # softmax, exact GELU, the norms
+    assert recomputed <= off_kinds and not recomputed & (matmul_kinds | full_kinds)
+    assert {"dot_general", "conv_general_dilated"} <= matmul_kinds
+    assert not {"dot_general", "conv_general_dilated"} & full_kinds, full_kinds
 
 
 def test_sample_mode_draws_around_the_mean():

@@ -43,12 +43,12 @@ class TeacherConfig:
 
 class DPIQA(nn.Module):
     """images (B, H, W, 3) in [0, 1] -> (score (B,), quality feature map (B, m, m, 8)).
-    `remat`: rematerialise the U-Net's layers in the backward pass (see `UNetFeatures`);
+    `remat`: what the U-Net's layers keep for the backward pass (`unet.REMAT`);
     `attention`: the U-Net's attention kernel (`attention.IMPLEMENTATIONS`)."""
 
     config: TeacherConfig = TeacherConfig()
     dtype: Any = jnp.float32
-    remat: bool = False
+    remat: str = "off"
     attention: str = "auto"
 
     def setup(self):

@@ -199,10 +199,26 @@ class Transformer2D(nn.Module):
         return h + x
 
 
-# The layer classes of a block, plain or rematerialised: rematerialised layers keep only their
-# inputs for the backward pass, not the activations inside (a 64x64 self-attention's
-# probabilities alone are 0.5 GiB per image in float32).
-_LAYERS = {False: (ResnetBlock2D, Transformer2D), True: (nn.remat(ResnetBlock2D), nn.remat(Transformer2D))}
+def _saves_matmul_outputs(primitive, *_, **params) -> bool:
+    """A checkpoint policy: keep the outputs of convolutions and of matrix products without batch
+    dimensions (the dense layers); recompute the rest from them."""
+    return (primitive.name == "conv_general_dilated"
+            or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(primitive, **params))
+
+
+def _remat(policy=None) -> tuple:
+    return nn.remat(ResnetBlock2D, policy=policy), nn.remat(Transformer2D, policy=policy)
+
+
+# What the U-Net's resnets and transformers keep for the backward pass (`model.remat`), per image
+# at SD-1.5's size in bfloat16 (the jaxpr's saved residuals, benchmarks/memory.py):
+#   'off'      every intermediate: 7.7 GiB with XLA's attention, 5.8 of them its probabilities
+#              (about 1.9 without them, as with a fused kernel);
+#   'matmuls'  the outputs of the convolutions and dense layers only (0.54 GiB): norms,
+#              activations, casts and XLA's attention probabilities run again in the backward pass;
+#   'full'     each layer's inputs only (0.17 GiB): the whole layer runs again.
+_LAYERS = {"off": (ResnetBlock2D, Transformer2D), "matmuls": _remat(_saves_matmul_outputs), "full": _remat()}
+REMAT = tuple(_LAYERS)
 
 
 class _Block(nn.Module):
@@ -211,7 +227,7 @@ class _Block(nn.Module):
     config: UNetConfig
     index: int
     dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: str = "off"
     attention: str = "auto"
 
     @property
@@ -289,14 +305,14 @@ class UNetFeatures(nn.Module):
 
     latents (B, h, w, in_channels); timesteps (B,) or a scalar; context (B or 1, S, cross_attention_dim):
     a batch-1 context is shared by every image; adapter_residuals: one NHWC tensor per down block
-    (T2I-Adapter), or None for the plain U-Net. `remat` recomputes each resnet and transformer in
-    the backward pass instead of storing its activations: less memory for a second forward pass.
+    (T2I-Adapter), or None for the plain U-Net. `remat` (`REMAT`) says what each resnet and
+    transformer keeps for the backward pass and what it computes again there: memory for compute.
     `attention` picks the attention kernel (`attention.IMPLEMENTATIONS`).
     """
 
     config: UNetConfig = SD15
     dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: str = "off"
     attention: str = "auto"
 
     @nn.compact

@@ -22,6 +22,7 @@ from dpiqa_jax.checkpoints import MODEL_FILE, with_shardings
 from dpiqa_jax.errors import UserError
 from dpiqa_jax.models.attention import IMPLEMENTATIONS
 from dpiqa_jax.models.dpiqa import DPIQA, TeacherConfig
+from dpiqa_jax.models.unet import REMAT
 from dpiqa_jax.train import checkpoint as ckpt_lib
 from dpiqa_jax.train import evaluator, example_cache, exported, inputs, metrics, preemption, report, schedule
 from dpiqa_jax.train import mesh as mesh_lib
@@ -51,7 +52,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Config checks that need no data and no compile: choices and paths (of the keys the config
     has: student configs lack the teacher-training ones)."""
     choices = {"model.latents": LATENTS, "eval.latents": LATENTS, "model.dtype": ("float32", "bfloat16"),
-               "model.attention": IMPLEMENTATIONS, "optim.schedule": ("step", "cosine")}
+               "model.attention": IMPLEMENTATIONS, "model.remat": REMAT, "optim.schedule": ("step", "cosine")}
     for key, allowed in choices.items():
         if has(config, key):
             require_choice(config, key, allowed)
