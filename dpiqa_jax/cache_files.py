@@ -64,7 +64,7 @@ def remove(entry: Entry) -> None:
         return
     doomed = entry.path
     if not _BUILD.match(os.path.basename(doomed)):
-        doomed = f"{entry.path}.tmp-{socket.gethostname()}-{os.getpid()}"
+        doomed = example_cache.build_folder(entry.path)
         os.rename(entry.path, doomed)
     shutil.rmtree(doomed)
 

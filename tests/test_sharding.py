@@ -20,6 +20,7 @@ from train_helpers import (
     environment,
     error_line,
     free_port,
+    records_or_none,
     run,
     run_line,
     start_processes,
@@ -79,11 +80,6 @@ def follow(stream, lines: list, marker: str = "", seen: threading.Event = None) 
     return thread
 
 
-def evaluated(workdir) -> bool:
-    path = workdir / "metrics.jsonl"
-    return path.is_file() and '"test"' in path.read_text()
-
-
 @pytest.mark.slow
 def test_a_2_process_run_matches_1_device_and_resumes_on_1_device_after_sigterm(train_root, tmp_path,
                                                                                  request):
@@ -103,7 +99,7 @@ def test_a_2_process_run_matches_1_device_and_resumes_on_1_device_after_sigterm(
         follow(procs[0].stderr, errs[0], "stopped by SIGTERM", stopped), follow(procs[1].stderr, errs[1])]
     try:
         deadline = time.time() + 600
-        while not evaluated(workdir) and procs[1].poll() is None and time.time() < deadline:
+        while not records_or_none(workdir, "test") and procs[1].poll() is None and time.time() < deadline:
             time.sleep(0.02)
         assert procs[1].poll() is None, "the run ended before SIGTERM: " + "".join(errs[1])[-2000:]
         procs[1].send_signal(signal.SIGTERM)

@@ -103,6 +103,16 @@ def assert_same_results(workdir: Path, reference: Path):
                         rel_tol=1e-6)
 
 
+def assert_resumed_as(workdir: Path, reference: Path):
+    """A run stopped after its first log window and resumed ends as `reference`: its results, every
+    evaluation and the log windows after step 6 (a window the stop cut is logged in part before, in
+    part after) to the last bit."""
+    assert_same_results(workdir, reference)
+    assert without_fit(records(workdir, "test")) == without_fit(records(reference, "test"))
+    later = lambda rows: [r for r in without_clock(rows) if r["step"] > 6]  # noqa: E731 (full windows)
+    assert later(records(workdir, "train")) == later(records(reference, "train"))
+
+
 def without_fit(rows: list[dict], dropped=FIT) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in dropped} for r in rows]
 
@@ -144,10 +154,10 @@ def records(workdir: Path, split: str) -> list[dict]:
         return [r for r in map(json.loads, f) if r["split"] == split]
 
 
-def records_or_none(workdir: Path) -> list[str] | bool:
-    """The train records written so far (none while the file does not exist yet)."""
+def records_or_none(workdir: Path, split: str = "train") -> list[str] | bool:
+    """The records of `split` written so far (none while the file does not exist yet)."""
     path = workdir / "metrics.jsonl"
-    return path.is_file() and [line for line in path.read_text().splitlines() if '"train"' in line]
+    return path.is_file() and [line for line in path.read_text().splitlines() if f'"{split}"' in line]
 
 
 def results(workdir: Path) -> dict:

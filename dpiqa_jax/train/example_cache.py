@@ -139,7 +139,7 @@ def _build(folder: str, identity: dict, indices: np.ndarray, shapes: dict[str, t
         for _ in compute():
             pass
         return
-    tmp = f"{folder}.tmp-{socket.gethostname()}-{os.getpid()}"
+    tmp = build_folder(folder)
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     _remove_abandoned(folder)
     os.makedirs(tmp)
@@ -165,6 +165,11 @@ def _build(folder: str, identity: dict, indices: np.ndarray, shapes: dict[str, t
             return
         shutil.rmtree(folder, ignore_errors=True)  # damaged by hand: ours replaces it
         os.rename(tmp, folder)
+
+
+def build_folder(folder: str) -> str:
+    """The folder in which this process builds `folder`, renamed to it once complete."""
+    return f"{folder}.tmp-{socket.gethostname()}-{os.getpid()}"
 
 
 def _allocate(folder: str, tmp: str, shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
