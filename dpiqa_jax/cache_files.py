@@ -2,10 +2,10 @@
 
 Found anywhere under the folders given (a `cache_dir`, a workdir, a folder of runs, the
 compilation cache): the per-image caches `KIND/KEY/` (`example_cache`), their builds left by
-killed runs (`KEY.tmp-HOST-PID/`), the stored train steps `dpiqa_steps/KEY.bin` (`exported`) and
-JAX's compiled programs (`NAME-SHA256-cache`). An entry's last use: runs mark ours each time they
-use one; JAX's entries have the file system's access time, where it keeps one. Nothing else under
-the folders is ever removed.
+killed runs (`KEY.tmp-HOST-PID/`), the stored train steps `dpiqa_steps/KEY.bin` (`exported`),
+JAX's compiled programs (`NAME-SHA256-cache`) and XLA's GPU autotuning results (one folder). An
+entry's last use: runs mark ours each time they use one; JAX's and XLA's have the file system's
+access time, where it keeps one. Nothing else under the folders is ever removed.
 """
 import contextlib
 import dataclasses
@@ -23,6 +23,8 @@ from dpiqa_jax.train import example_cache, exported
 _BUILD = re.compile(r"^[0-9a-f]{20}\.tmp-(?P<host>.+)-(?P<pid>\d+)$")  # example_cache's build folders
 _XLA = re.compile(r"^(?P<name>.+)-[0-9a-f]{64}-cache$")  # JAX's persistent cache entries
 _XLA_ATIME = "-atime"  # the companion file of a JAX entry, where JAX's eviction is on
+# Where XLA keeps the GPU kernels' autotuning results (one small file per fusion) when JAX's cache is on.
+_AUTOTUNE = "xla_gpu_per_fusion_autotune_cache_dir"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +65,9 @@ def remove(entry: Entry) -> None:
                 os.remove(entry.path.removesuffix("-cache") + _XLA_ATIME)
         return
     doomed = entry.path
+    if os.path.basename(doomed) == _AUTOTUNE:  # XLA makes it again; a part of it is still a cache
+        shutil.rmtree(doomed)
+        return
     if not _BUILD.match(os.path.basename(doomed)):
         doomed = example_cache.build_folder(entry.path)
         os.rename(entry.path, doomed)
@@ -92,6 +97,10 @@ def _folder_entry(path: str) -> Optional[Entry]:
     build = _BUILD.match(os.path.basename(path))
     if build:
         return _unfinished(path, build["host"], int(build["pid"]))
+    if os.path.basename(path) == _AUTOTUNE:  # XLA reads its files without marking them
+        stats = _files(path)
+        last_used = max((max(stat.st_atime, stat.st_mtime) for stat in stats), default=os.stat(path).st_mtime)
+        return Entry(path, f"GPU autotuning results ({len(stats)} files)", _size(stats), last_used)
     if os.path.exists(os.path.join(path, example_cache.IDENTITY)):
         return _example_cache(path)
     return None
@@ -110,19 +119,23 @@ def _example_cache(path: str) -> Entry:
     else:
         what += f": {identity.get('dataset', '?')}, {images} images at {identity.get('image_size', '?')} px"
     last_used = os.stat(os.path.join(path, example_cache.IDENTITY)).st_mtime
-    return Entry(path, what, _files(path)[0], last_used)
+    return Entry(path, what, _size(_files(path)), last_used)
 
 
 def _unfinished(path: str, host: str, pid: int) -> Entry:
     here = host == socket.gethostname()
     running = here and example_cache.alive(pid)
     state = "running" if running else "its process gone" if here else "on another host"
-    size, last_write = _files(path)
-    return Entry(path, f"unfinished cache (process {pid} on {host}, {state})", size,
-                 max(last_write, os.stat(path).st_mtime), running)
+    stats = _files(path)
+    last_write = max([os.stat(path).st_mtime] + [stat.st_mtime for stat in stats])
+    return Entry(path, f"unfinished cache (process {pid} on {host}, {state})", _size(stats), last_write,
+                 running)
 
 
-def _files(folder: str) -> tuple[int, float]:
-    """The total size of the files under `folder`, and their latest modification time."""
-    stats = [os.stat(os.path.join(parent, name)) for parent, _, names in os.walk(folder) for name in names]
-    return sum(stat.st_size for stat in stats), max((stat.st_mtime for stat in stats), default=0.0)
+def _files(folder: str) -> list[os.stat_result]:
+    """The stats of the files under `folder`."""
+    return [os.stat(os.path.join(parent, name)) for parent, _, names in os.walk(folder) for name in names]
+
+
+def _size(stats: list[os.stat_result]) -> int:
+    return sum(stat.st_size for stat in stats)

@@ -22,7 +22,7 @@ NOW = time.time()
 SHA = "0123456789abcdef" * 4
 MIB = 2**20
 DEAD_PID = 4_000_000  # above Linux's largest pid: never a live process
-OLD = ("old posteriors", "dead build", "old program", "refused", "old compiled")
+OLD = ("old posteriors", "dead build", "old program", "refused", "old compiled", "autotuning")
 NEW = ("new posteriors", "new program", "new compiled")
 
 
@@ -55,6 +55,16 @@ def file(path, days, size=MIB):
     return str(aged(path, days))
 
 
+def autotuning(xla):
+    """XLA's GPU autotuning results, written 45 days ago, the last of them read 33 days ago."""
+    folder = xla / "xla_gpu_per_fusion_autotune_cache_dir"
+    folder.mkdir()
+    for name, read in (("Abc-_1.textproto", 45), ("Def-_2.textproto", 33)):
+        file(folder / name, 45, 1000)
+        os.utime(folder / name, (NOW - read * DAY, NOW - 45 * DAY))
+    return str(folder)
+
+
 @pytest.fixture
 def caches(tmp_path):
     """A cache_dir and a compilation cache holding every kind of entry, old and recent, beside files
@@ -71,6 +81,7 @@ def caches(tmp_path):
         "new program": file(xla / "dpiqa_steps" / f"{SHA[::-1]}.bin", 1),
         "refused": file(xla / "dpiqa_steps" / f"{SHA}.refused", 35, 100),
         "old compiled": file(xla / f"jit_train_step-{SHA}-cache", 31),
+        "autotuning": autotuning(xla),
         "new compiled": file(xla / f"jit_init-{SHA}-cache", 0.5),
     }
     file(xla / f"jit_train_step-{SHA}-atime", 31, 8)  # JAX's companion of an entry
@@ -91,14 +102,16 @@ def test_every_kind_of_entry_is_listed_oldest_use_first_with_what_made_it(caches
     rows = [list(re.fullmatch(r"(\S+ \S+) +(\S+ \S+)  (\S+)  (.+)", line).groups()) for line in lines[:-1]]
     paths = [row[2] for row in rows]
     assert sorted(paths) == sorted(caches.values())  # every entry once, nothing else
-    assert set(paths[:6]) == {caches[name] for name in OLD + ("running build",)}
-    assert paths[6:] == [caches[name] for name in NEW]
+    assert set(paths[:7]) == {caches[name] for name in OLD + ("running build",)}
+    assert paths[7:] == [caches[name] for name in NEW]
     row = {name: rows[paths.index(path)] for name, path in caches.items()}
     assert row["new program"][:2] == [datetime.datetime.fromtimestamp(NOW - DAY).strftime("%Y-%m-%d %H:%M"),
                                       "1.0 MiB"]
     assert row["old program"][1:] == ["3.0 MiB", caches["old program"], "train step program"]
     assert row["refused"][3] == "train step that cannot be stored"
     assert row["old compiled"][3] == "compiled program (jit_train_step)"
+    assert row["autotuning"] == [datetime.datetime.fromtimestamp(NOW - 33 * DAY).strftime("%Y-%m-%d %H:%M"),
+                                 "2.0 KiB", caches["autotuning"], "GPU autotuning results (2 files)"]
     assert row["old posteriors"][3] == "vae posteriors: koniq10k, 4 images at 64 px"
     host = socket.gethostname()
     assert row["dead build"][3] == f"unfinished cache (process {DEAD_PID} on {host}, its process gone)"
@@ -107,7 +120,7 @@ def test_every_kind_of_entry_is_listed_oldest_use_first_with_what_made_it(caches
     npy = [os.path.join(caches["old posteriors"], f"{name}.npy") for name in SHAPES]
     assert sizes[caches["old posteriors"]] == sum(map(os.path.getsize, npy)) + os.path.getsize(
         os.path.join(caches["old posteriors"], example_cache.IDENTITY))
-    assert lines[-1] == f"9 entries, {sum(sizes.values()) / MIB:.1f} MiB"
+    assert lines[-1] == f"10 entries, {sum(sizes.values()) / MIB:.1f} MiB"
 
 
 def test_unused_for_removes_the_entries_unused_that_long_and_nothing_else(caches, tmp_path, capsys):
@@ -116,7 +129,7 @@ def test_unused_for_removes_the_entries_unused_that_long_and_nothing_else(caches
     assert code == 0
     removed = [line.split()[1] for line in lines[:-1]]
     assert sorted(removed) == sorted(caches[name] for name in OLD)
-    assert lines[-1] == "removed 5 entries (5.0 MiB); kept 4 (3.0 MiB)"
+    assert lines[-1] == "removed 6 entries (5.0 MiB); kept 4 (3.0 MiB)"
     after = {path for path in map(str, tmp_path.rglob("*"))}
     gone = {path for path in before - after if not any(path.startswith(caches[name] + "/") for name in OLD)}
     assert gone == {caches[name] for name in OLD} | {str(tmp_path / "xla" / f"jit_train_step-{SHA}-atime")}
