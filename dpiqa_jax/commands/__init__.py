@@ -2,12 +2,17 @@
 import argparse
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: a count or size of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def positive(convert, what: str):
+    """An argparse type: a number above 0, read by `convert` (int, float); `what` names it in the error."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = 0
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+positive_int = positive(int, "a positive integer")  # a count or size of at least 1

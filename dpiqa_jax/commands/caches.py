@@ -1,20 +1,10 @@
 """`dpiqa-jax caches`: the caches that runs left on disk (what each holds, its size, its last use),
 and the removal of those that no run has used for some days."""
-import argparse
 import datetime
 import os
 import sys
 
-
-def positive_days(text: str) -> float:
-    """An argparse type: a number of days above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of days, got {text!r}")
-    return value
+from dpiqa_jax.commands import positive
 
 
 def register(sub):
@@ -22,7 +12,7 @@ def register(sub):
     p.add_argument("folders", nargs="*", metavar="FOLDER",
                    help="a cache_dir, a workdir, a folder of runs, a compilation cache (default: the "
                         "compilation cache, which also holds the stored train steps)")
-    p.add_argument("--unused-for", type=positive_days, metavar="DAYS",
+    p.add_argument("--unused-for", type=positive(float, "a positive number of days"), metavar="DAYS",
                    help="remove the entries that no run has used for DAYS days")
     p.set_defaults(run=run)
 
