@@ -20,7 +20,6 @@ import numpy as np
 
 from dpiqa_jax.train import example_cache, exported
 
-_BUILD = re.compile(r"^[0-9a-f]{20}\.tmp-(?P<host>.+)-(?P<pid>\d+)$")  # example_cache's build folders
 _XLA = re.compile(r"^(?P<name>.+)-[0-9a-f]{64}-cache$")  # JAX's persistent cache entries
 _XLA_ATIME = "-atime"  # the companion file of a JAX entry, where JAX's eviction is on
 # Where XLA keeps the GPU kernels' autotuning results (one small file per fusion) when JAX's cache is on.
@@ -68,7 +67,7 @@ def remove(entry: Entry) -> None:
     if os.path.basename(doomed) == _AUTOTUNE:  # XLA makes it again; a part of it is still a cache
         shutil.rmtree(doomed)
         return
-    if not _BUILD.match(os.path.basename(doomed)):
+    if not example_cache.build_owner(os.path.basename(doomed)):
         doomed = example_cache.build_folder(entry.path)
         os.rename(entry.path, doomed)
     shutil.rmtree(doomed)
@@ -94,9 +93,9 @@ def _file_entry(path: str) -> Optional[Entry]:
 
 
 def _folder_entry(path: str) -> Optional[Entry]:
-    build = _BUILD.match(os.path.basename(path))
+    build = example_cache.build_owner(os.path.basename(path))
     if build:
-        return _unfinished(path, build["host"], int(build["pid"]))
+        return _unfinished(path, *build[1:])
     if os.path.basename(path) == _AUTOTUNE:  # XLA reads its files without marking them
         stats = _files(path)
         last_used = max((max(stat.st_atime, stat.st_mtime) for stat in stats), default=os.stat(path).st_mtime)

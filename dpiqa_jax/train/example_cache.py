@@ -19,9 +19,10 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import socket
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +77,8 @@ class ExampleCache:
 
 
 IDENTITY = "identity.json"
+KEY_LENGTH = 20  # hex digits of a cache's folder name
+_BUILD = re.compile(rf"^(?P<key>[0-9a-f]{{{KEY_LENGTH}}})\.tmp-(?P<host>.+)-(?P<pid>\d+)$")  # build_folder
 
 
 def load_or_build(root: str, kind: str, identity: dict, indices: np.ndarray, shapes: dict[str, tuple],
@@ -113,7 +116,7 @@ def load_or_build(root: str, kind: str, identity: dict, indices: np.ndarray, sha
 
 def cache_folder(root: str, kind: str, identity: dict) -> str:
     """`root/kind/KEY`, KEY a digest of `identity`."""
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:KEY_LENGTH]
     return os.path.join(os.path.expanduser(root), kind, key)
 
 
@@ -172,6 +175,12 @@ def build_folder(folder: str) -> str:
     return f"{folder}.tmp-{socket.gethostname()}-{os.getpid()}"
 
 
+def build_owner(name: str) -> Optional[tuple[str, str, int]]:
+    """(KEY, host, pid) of a build folder's name (`build_folder`), or None for any other name."""
+    match = _BUILD.match(name)
+    return (match["key"], match["host"], int(match["pid"])) if match else None
+
+
 def _allocate(folder: str, tmp: str, shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
     """float32 arrays NAME.npy in `tmp` as writable memory maps, their disk space reserved now: on a
     disk that fills up during the pass, a write to a mapped page would kill the process (SIGBUS)."""
@@ -219,11 +228,10 @@ def _sees_process_0s_files(parent: str) -> bool:
 def _remove_abandoned(folder: str) -> None:
     """Removes this host's build folders of `folder` whose process is gone (killed builds), and
     this process's own."""
-    prefix = f"{os.path.basename(folder)}.tmp-{socket.gethostname()}-"
-    parent = os.path.dirname(folder)
+    parent, ours = os.path.dirname(folder), (os.path.basename(folder), socket.gethostname())
     for name in os.listdir(parent):
-        pid = name[len(prefix):] if name.startswith(prefix) else ""
-        if pid.isdigit() and (int(pid) == os.getpid() or not alive(int(pid))):
+        key, host, pid = build_owner(name) or (None, None, None)
+        if (key, host) == ours and (pid == os.getpid() or not alive(pid)):
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
