@@ -50,8 +50,9 @@ def read_teacher_config(path: str) -> TeacherConfig:
         raise UserError(f"{path}: not a readable teacher config ({e})") from e
 
 
-def _init_key(seed: int = 0) -> jax.Array:
-    # XLA's RngBitGenerator compiles in a fraction of threefry's time, which dominates compiling init.
+def init_key(seed: int = 0) -> jax.Array:
+    """The key of a model's random init. XLA's RngBitGenerator compiles in a fraction of threefry's
+    time, which dominates compiling an init (measured: EfficientNet-B7's, 35 -> 18 s on 2 CPU cores)."""
     return jax.random.key(seed, impl="unsafe_rbg")
 
 
@@ -69,14 +70,14 @@ def _init_inputs(cfg: TeacherConfig) -> tuple:
 
 def param_shapes(cfg: TeacherConfig):
     """The teacher's parameter tree as ShapeDtypeStructs (nothing allocated)."""
-    key = jax.eval_shape(_init_key)
+    key = jax.eval_shape(init_key)
     return jax.eval_shape(_jitted_init(cfg), key, *_init_inputs(cfg))["params"]
 
 
 def init_teacher_params(cfg: TeacherConfig, seed: int, sd_dir: Optional[str] = None):
     """Random init; with `sd_dir` the VAE and U-Net come from a local diffusers SD-1.5 folder."""
     zeros = [jnp.zeros(x.shape, x.dtype) for x in _init_inputs(cfg)]
-    params = _jitted_init(cfg)(_init_key(seed), *zeros)["params"]
+    params = _jitted_init(cfg)(init_key(seed), *zeros)["params"]
     if sd_dir is not None:
         from dpiqa_jax.weights.diffusers import load_sd_folder
 

@@ -58,7 +58,7 @@ def test_distill_smoke_run_then_predict_and_export_its_workdir(student_run, smok
     assert "Finished XLA compilation of jit(distill_step)" not in stderr
     spec = json.loads((workdir / "student.json").read_text())
     teacher_side = json.loads((smoke_run / "model.json").read_text())["latent_size"] * 8
-    assert spec == {"variant": "b0", "map_channels": 8, "fc_width": 64, "image_size": teacher_side}
+    assert spec == {"variant": "tiny", "map_channels": 8, "fc_width": 64, "image_size": teacher_side}
     train, test = records(workdir, "train"), records(workdir, "test")
     assert [r["step"] for r in train] == [3, 6, 9, 12] and [r["step"] for r in test] == [6, 12]
     for r in train:  # SPEC's loss: score MSE + map MSE, both logged

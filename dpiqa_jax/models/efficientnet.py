@@ -58,6 +58,7 @@ VARIANTS = {
     "b5": Variant(1.6, 2.2, **_B5_B7_NORM),
     "b6": Variant(1.8, 2.6, **_B5_B7_NORM),
     "b7": Variant(2.0, 3.1, **_B5_B7_NORM),
+    "tiny": Variant(0.25, 0.25),  # not torchvision's (no ImageNet weights): one block a stage, for tests
 }
 
 

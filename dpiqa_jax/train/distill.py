@@ -132,7 +132,7 @@ def student_task(config: ml_collections.ConfigDict, teacher_checkpoint: str) -> 
                         f"{teacher_map[1:]}: set config key 'student.map_channels' to 8")
 
     def init_params():
-        variables = jax.jit(student.init)(jax.random.PRNGKey(config.seed),
+        variables = jax.jit(student.init)(teacher.init_key(config.seed),
                                           jnp.zeros((1, spec.image_size, spec.image_size, 3)))
         if config.student.imagenet:
             from dpiqa_jax.weights.student import load_torchvision_efficientnet, with_base_model
