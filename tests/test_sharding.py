@@ -138,6 +138,7 @@ def test_a_2_process_run_matches_1_device_and_resumes_on_1_device_after_sigterm(
 
 
 @pytest.mark.slow
+@pytest.mark.warm  # the 2 x 2 FSDP run's programs: NaN prompts change values, not programs
 def test_a_nan_loss_stops_both_processes_with_the_one_line(train_root, tmp_path):
     """Every process sees the same non-finite step (the metrics are global): both stop with the one
     line and exit code 2, nothing saved."""
