@@ -99,7 +99,8 @@ def _folder_entry(path: str) -> Optional[Entry]:
     if os.path.basename(path) == _AUTOTUNE:  # XLA reads its files without marking them
         stats = _files(path)
         last_used = max((max(stat.st_atime, stat.st_mtime) for stat in stats), default=os.stat(path).st_mtime)
-        return Entry(path, f"GPU autotuning results ({len(stats)} files)", _size(stats), last_used)
+        files = f"{len(stats)} file" + "s" * (len(stats) != 1)
+        return Entry(path, f"GPU autotuning results ({files})", _size(stats), last_used)
     if os.path.exists(os.path.join(path, example_cache.IDENTITY)):
         return _example_cache(path)
     return None
