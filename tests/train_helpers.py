@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -83,6 +84,57 @@ def stop_with_sigterm(command: list[str], env: dict, workdir: Path, name: str = 
     assert (workdir / "checkpoints" / "latest" / str(step)).is_dir()
     assert not (workdir / "results.json").exists()
     return stdout, step
+
+
+def stop_processes_with_sigterm(command: list[str], env: dict, workdir: Path, name: str = "train",
+                                split: str = "train") -> tuple[list[str], int]:
+    """`command` as 2 jax.distributed processes, preempted once its first record of `split` is
+    written: SIGTERM to process 1, and both save one step and exit with 143, each with the same last
+    line. Process 1 is paused as process 0 says it stopped: were process 0 to exit without waiting
+    for it (it hosts the coordination service), process 1 would abort (134) once resumed, as it
+    sometimes did when it lagged behind process 0. (each process's stdout, the step saved)."""
+    procs = start_processes(command, env)
+    outs, errs, stopped = [[], []], [[], []], threading.Event()
+    readers = [follow(p.stdout, outs[i]) for i, p in enumerate(procs)] + [
+        follow(procs[0].stderr, errs[0], "stopped by SIGTERM", stopped), follow(procs[1].stderr, errs[1])]
+    try:
+        deadline = time.time() + 600
+        while not records_or_none(workdir, split) and procs[1].poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert procs[1].poll() is None, "the run ended before SIGTERM: " + "".join(errs[1])[-2000:]
+        procs[1].send_signal(signal.SIGTERM)
+        assert stopped.wait(timeout=300), "".join(errs[0])[-2000:]
+        procs[1].send_signal(signal.SIGSTOP)
+        time.sleep(2)
+        procs[1].send_signal(signal.SIGCONT)
+        for p in procs:
+            p.wait(timeout=300)
+    finally:
+        for p in procs:
+            p.kill()
+        for thread in readers:
+            thread.join()
+    errors = ["".join(lines) for lines in errs]
+    assert [p.returncode for p in procs] == [143, 143], [e[-2000:] for e in errors]
+    lasts = [[line for line in e.splitlines() if line.startswith(f"dpiqa-jax {name}: stopped by SIGTERM")]
+             for e in errors]  # before jax.distributed's lines of its shutdown
+    assert len(lasts[0]) == 1 and lasts[1] == lasts[0], lasts
+    step = int(lasts[0][0].split("after step ")[1].split(",")[0])
+    assert (workdir / "checkpoints" / "latest" / str(step)).is_dir(), step
+    assert not (workdir / "results.json").exists()
+    return ["".join(lines) for lines in outs], step
+
+
+def follow(stream, lines: list, marker: str = "", seen: threading.Event = None) -> threading.Thread:
+    """A started thread that appends `stream`'s lines to `lines`, and sets `seen` at `marker`'s line."""
+    def read():
+        for line in stream:
+            lines.append(line)
+            if marker and marker in line:
+                seen.set()
+    thread = threading.Thread(target=read)
+    thread.start()
+    return thread
 
 
 FIT = ("plcc_logistic", "rmse_logistic")  # the 4-parameter logistic fit's metrics
@@ -169,14 +221,15 @@ RTOL = 1e-4  # runs on 8 devices, with FSDP or as 2 processes agree with 1 devic
 
 
 def assert_same_run(reference: Path, other: Path, after: int = 0, until: int = 1 << 30,
-                    losses=("loss", "mse", "grad_norm")):
-    """Every logged train step's `losses` (of the windows that start after step `after`) and every
-    evaluation's metrics, up to step `until`, within RTOL."""
-    for split, names in (("train", losses), ("test", ("srcc", "plcc", "krcc", "rmse"))):
+                    losses=("loss", "mse", "grad_norm"), metrics=("srcc", "plcc", "krcc", "rmse")):
+    """Every logged train step's `losses` and every evaluation's `metrics` up to step `until`, within
+    RTOL. With `after` (a step the run stopped after), only the evaluations after it and the train
+    windows that start after it: a window cut by a stop is logged in part before, in part after."""
+    for split, names in (("train", losses), ("test", metrics)):
         ref, got = ([r for r in records(run, split) if r["step"] <= until] for run in (reference, other))
-        if split == "train" and after:  # a window cut by a stop is logged in part before, in part after
-            every = ref[1]["step"] - ref[0]["step"]  # log_every
-            ref, got = ([r for r in rows if r["step"] - every >= after] for rows in (ref, got))
+        if after:
+            first = after + (ref[1]["step"] - ref[0]["step"] if split == "train" else 1)  # log_every
+            ref, got = ([r for r in rows if r["step"] >= first] for rows in (ref, got))
         assert [r["step"] for r in ref] == [r["step"] for r in got]
         for a, b in zip(ref, got, strict=True):
             for name in names:
