@@ -79,12 +79,12 @@ def init_teacher_params(cfg: TeacherConfig, seed: int, sd_dir: Optional[str] = N
     zeros = [jnp.zeros(x.shape, x.dtype) for x in _init_inputs(cfg)]
     params = _jitted_init(cfg)(init_key(seed), *zeros)["params"]
     if sd_dir is not None:
-        from dpiqa_jax.weights.diffusers import load_sd_folder
+        from dpiqa_jax.weights import diffusers
 
-        unet_cfg, unet_params, vae_cfg, vae_params = load_sd_folder(sd_dir)
-        if (unet_cfg, vae_cfg) != (cfg.unet, cfg.vae):
+        if diffusers.sd_configs(sd_dir) != (cfg.unet, cfg.vae):
             raise UserError(f"{sd_dir}: its U-Net/VAE configs differ from the teacher config")
-        params = {**params, "unet": unet_params, "vae": vae_params}
+        _, unet, _, vae = diffusers.load_sd_folder(sd_dir, {"unet": params["unet"], "vae": params["vae"]})
+        params = {**params, "unet": unet, "vae": vae}
     return params
 
 

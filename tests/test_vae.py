@@ -137,6 +137,7 @@ def test_load_sd_folder_errors(tmp_path, sd_folder):
     config_path.unlink()
     with pytest.raises(FileNotFoundError, match="vae/config.json not found"):
         load_sd_folder(folder)
+    shutil.copy(sd_folder / "vae" / "config.json", config_path)
     (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="unet: no diffusion_pytorch_model.safetensors"):
         load_sd_folder(folder)

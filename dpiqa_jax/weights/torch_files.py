@@ -1,9 +1,11 @@
 """Reading PyTorch checkpoint files safely: safetensors, or pickles through
 `torch.load(weights_only=True)` (which refuses pickles that would run code). Every torch pickle
 the package reads goes through `load_pickle`."""
+import json
 import os
 import re
 
+import ml_dtypes
 import numpy as np
 
 from dpiqa_jax.errors import UserError
@@ -35,22 +37,54 @@ def to_numpy(value):
 
 
 def read_tensors(path: str) -> dict:
-    """The flat {name: array} of a state-dict file (.safetensors or a torch pickle)."""
+    """The flat {name: array} of a state-dict file (.safetensors or a torch pickle). Where the format
+    allows (safetensors, zip-format pickles) the arrays map the file instead of copying it: a
+    multi-GB checkpoint is read from the page cache as its arrays are used (read-only for
+    safetensors; copy what you keep)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-
-        try:
-            return load_file(path)
-        except Exception as e:  # safetensors reports corruption with several exception types
-            raise UserError(f"{path}: not a readable safetensors file ({e})") from e
-    obj = load_pickle(path)
+        return _map_safetensors(path)
+    try:
+        obj = load_pickle(path, mmap=True)
+    except UserError:  # only zip-format pickles map: read the others whole (or say why they cannot be read)
+        obj = load_pickle(path)
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise UserError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     return {k: to_numpy(v) for k, v in obj.items()}
+
+
+# safetensors' dtype names; bfloat16 is ml_dtypes' (a dependency of jax)
+SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+                      "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+                      "BOOL": np.bool_}
+
+
+def _map_safetensors(path: str) -> dict:
+    """The arrays of a .safetensors file as views of one read-only memory map of it. The format: an
+    8-byte little-endian header length, a JSON header (name -> dtype, shape and byte offsets into
+    the data that follows), the data."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "numpy") as f:  # checks the header against the file (offsets, sizes, dtypes)
+            names = list(f.keys())
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length))
+        data, start = np.memmap(path, np.uint8, mode="r"), 8 + length
+    except Exception as e:  # safetensors reports damage with several exception types
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from e
+    arrays = {}
+    for name in names:
+        dtype, shape, (begin, stop) = (header[name][k] for k in ("dtype", "shape", "data_offsets"))
+        if dtype not in SAFETENSORS_DTYPES:
+            raise UserError(f"{path}: {name} is {dtype}, which dpiqa_jax does not read "
+                            f"({', '.join(SAFETENSORS_DTYPES)})")
+        arrays[name] = data[start + begin:start + stop].view(SAFETENSORS_DTYPES[dtype]).reshape(shape)
+    return arrays
 
 
 def load_pickle(path, mmap: bool = False):

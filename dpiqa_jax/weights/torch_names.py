@@ -5,7 +5,8 @@ leaf is its path joined by '.', with the leaf renamed (`kernel`/`scale`/`embeddi
 `weight`, batch-norm `mean`/`var` -> `running_mean`/`running_var`) and the array laid out
 as PyTorch lays it out (conv kernels OIHW <-> HWIO, dense kernels transposed).
 """
-from typing import Any, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import numpy as np
@@ -48,11 +49,12 @@ def _path_names(path) -> tuple[str, ...]:
 def load_state_dict(target: Any, state: Mapping[str, np.ndarray], prefix: str = "",
                     source: str = "state dict") -> Any:
     """Fill `target` (a tree of arrays or ShapeDtypeStructs, e.g. from `jax.eval_shape`) from
-    `state`, whose keys are PyTorch names under `prefix`. Keys of `state` the tree does not use
-    are ignored. Raises WeightsError naming every missing or mis-shaped key at once."""
+    `state`, whose keys are PyTorch names under `prefix`, with new C-ordered numpy arrays. Keys of
+    `state` the tree does not use are ignored. Raises WeightsError naming every missing or
+    mis-shaped key at once."""
     missing, misshaped = [], []
 
-    def fill(path, spec):
+    def view(path, spec) -> Optional[np.ndarray]:
         names = _path_names(path)
         key = torch_key(names, prefix)
         if key not in state:
@@ -63,9 +65,10 @@ def load_state_dict(target: Any, state: Mapping[str, np.ndarray], prefix: str = 
             shown = to_torch_layout(names[-1], np.empty(spec.shape, np.uint8)).shape
             misshaped.append(f"{key} (file {tuple(state[key].shape)}, model {tuple(shown)})")
             return None
-        return value.astype(spec.dtype)
+        return value
 
-    tree = jax.tree_util.tree_map_with_path(fill, target)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
+    views = [view(path, spec) for path, spec in leaves]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing key(s): {', '.join(missing)}")
@@ -73,7 +76,11 @@ def load_state_dict(target: Any, state: Mapping[str, np.ndarray], prefix: str = 
         problems.append(f"{len(misshaped)} mis-shaped key(s): {', '.join(misshaped)}")
     if problems:
         raise WeightsError(f"{source}: " + "; ".join(problems))
-    return tree
+    # The transposing copies are most of loading a large file, and numpy lets go of the GIL while
+    # it copies: a thread per core. They also read a memory-mapped file's pages in.
+    with ThreadPoolExecutor() as pool:
+        arrays = pool.map(lambda value, leaf: np.array(value, leaf[1].dtype, order="C"), views, leaves)
+        return jax.tree_util.tree_unflatten(treedef, list(arrays))
 
 
 def to_state_dict(tree: Any, prefix: str = "", convert: Callable = np.asarray) -> dict[str, np.ndarray]:
