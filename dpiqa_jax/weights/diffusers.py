@@ -2,9 +2,10 @@
 
 The folder is what `StableDiffusionPipeline.save_pretrained` writes (e.g. SD-1.5): `unet/` and
 `vae/`, each with `config.json` and `diffusion_pytorch_model.safetensors` (or the `.fp16`
-variant). The weight files are memory-mapped (`torch_files.read_tensors`) and mapped onto our
-params by name (`dpiqa_jax.weights.torch_names`); float16 files are widened to float32. The VAE's decoder keys
-are ignored, as are the U-Net's output head (`conv_norm_out`, `conv_out`).
+variant). The weight files are memory-mapped (`torch_files.read_tensors`) and their tensors
+assigned to our params by name (`dpiqa_jax.weights.torch_names`); float16 files are widened to
+float32. The VAE's decoder keys are ignored, as are the U-Net's output head (`conv_norm_out`,
+`conv_out`).
 """
 import json
 from pathlib import Path
