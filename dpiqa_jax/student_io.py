@@ -179,25 +179,9 @@ def _load_msgpack(path: str, requested: Optional[StudentSpec]) -> tuple[StudentS
     return spec, load_variables(spec.variable_shapes(), student_state_dict(variables), source=path)
 
 
-def _safetensors_header(path: str) -> tuple[list, dict]:
-    """(tensor names, metadata) of a safetensors file, read from its header alone."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, "numpy") as f:
-            return list(f.keys()), f.metadata() or {}
-    except Exception as e:  # safetensors reports damage with several exception types
-        raise UserError(f"{path}: not a readable safetensors file ({e})") from e
-
-
 def _pickle_keys(path: str) -> list:
     """The keys of a torch-pickled state dict, read cheaply: torch maps its tensors, not reads them."""
-    try:
-        obj = torch_files.load_pickle(path, mmap=True)
-    except UserError:  # only zip-format files map; read the rest (or say why it cannot be read)
-        obj = torch_files.load_pickle(path)
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
+    obj = torch_files.load_state_pickle(path)
     return list(obj) if isinstance(obj, dict) else []
 
 
@@ -217,7 +201,7 @@ def is_student_checkpoint(path) -> bool:
     if path.endswith(".msgpack"):
         return True
     if path.endswith(".safetensors"):
-        keys, metadata = _safetensors_header(path)
+        keys, metadata = torch_files.safetensors_header(path)
     else:
         keys, metadata = _pickle_keys(path), {}
     return MANIFEST_KEY in metadata or any(str(k).startswith("base_model.") for k in keys)
@@ -243,7 +227,8 @@ def load_student(path, spec: Optional[StudentSpec] = None) -> tuple[StudentSpec,
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     if path.endswith(".msgpack"):
         return _load_msgpack(path, spec)
-    manifest = _safetensors_header(path)[1].get(MANIFEST_KEY) if path.endswith(".safetensors") else None
+    safetensors = path.endswith(".safetensors")
+    manifest = torch_files.safetensors_header(path)[1].get(MANIFEST_KEY) if safetensors else None
     if manifest is not None:
         state = torch_files.read_tensors(path)
         spec = _checked_spec(path, manifest, state, spec)

@@ -45,12 +45,7 @@ def read_tensors(path: str) -> dict:
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     if path.endswith(".safetensors"):
         return _map_safetensors(path)
-    try:
-        obj = load_pickle(path, mmap=True)
-    except UserError:  # only zip-format pickles map: read the others whole (or say why they cannot be read)
-        obj = load_pickle(path)
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
+    obj = load_state_pickle(path)
     if not isinstance(obj, dict):
         raise UserError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     return {k: to_numpy(v) for k, v in obj.items()}
@@ -62,20 +57,29 @@ SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "
                       "BOOL": np.bool_}
 
 
+def safetensors_header(path: str) -> tuple[list, dict]:
+    """(tensor names, metadata) of a safetensors file, read from its header alone, which safetensors
+    checks against the file (offsets, sizes, dtypes)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "numpy") as f:
+            return list(f.keys()), f.metadata() or {}
+    except Exception as e:  # safetensors reports damage with several exception types
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from e
+
+
 def _map_safetensors(path: str) -> dict:
     """The arrays of a .safetensors file as views of one read-only memory map of it. The format: an
     8-byte little-endian header length, a JSON header (name -> dtype, shape and byte offsets into
     the data that follows), the data."""
-    from safetensors import safe_open
-
+    names = safetensors_header(path)[0]  # safetensors checks the header against the file
     try:
-        with safe_open(path, "numpy") as f:  # checks the header against the file (offsets, sizes, dtypes)
-            names = list(f.keys())
         with open(path, "rb") as f:
             length = int.from_bytes(f.read(8), "little")
             header = json.loads(f.read(length))
         data, start = np.memmap(path, np.uint8, mode="r"), 8 + length
-    except Exception as e:  # safetensors reports damage with several exception types
+    except Exception as e:  # the file changed since safetensors read its header
         raise UserError(f"{path}: not a readable safetensors file ({e})") from e
     arrays = {}
     for name in names:
@@ -89,13 +93,22 @@ def _map_safetensors(path: str) -> dict:
 
 def load_pickle(path, mmap: bool = False):
     """torch.load with weights_only=True: tensors, lists, dicts and numbers only. `mmap` maps the
-    tensors of a zip-format file instead of reading them."""
+    tensors of a zip-format file instead of reading them (other files are read whole)."""
     torch = _torch()
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # unpickling errors come in many types; all mean "unusable file"
+        if mmap:  # only zip-format files map: read the rest (or say why it cannot be read)
+            return load_pickle(path)
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: cannot be read as a weights-only PyTorch file ({reason})") from e
+
+
+def load_state_pickle(path: str):
+    """What a torch pickle holds (its `state_dict` entry where it wraps one), the tensors of a
+    zip-format file mapped."""
+    obj = load_pickle(path, mmap=True)
+    return obj["state_dict"] if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) else obj
 
 
 def read_array(path: str) -> np.ndarray:
