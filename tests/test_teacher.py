@@ -186,10 +186,10 @@ def test_state_dict_round_trip_is_exact():
     jax.tree_util.tree_map(np.testing.assert_array_equal, again, params)
 
 
-def test_init_from_a_local_sd_folder_takes_its_unet_and_vae(tmp_path, monkeypatch):
-    """`model.sd_dir`: the U-Net and VAE are the folder's (as `load_sd_folder` reads it alone), the
-    rest the random init's; a folder of another model is one error, before any load. (The random
-    init is a stand-in here: compiling the real one takes a minute on 2 cores.)"""
+def test_init_from_a_local_sd_folder_takes_its_unet_and_vae(tmp_path):
+    """`model.sd_dir`: the U-Net and VAE are the folder's (as `load_sd_folder` reads it alone),
+    every other part the random init's, value for value, though that init is compiled without the
+    U-Net's and VAE's; a folder of another model is one error, before any load."""
     from fixtures import write_tiny_sd_folder
 
     from dpiqa_jax import teacher
@@ -197,12 +197,10 @@ def test_init_from_a_local_sd_folder_takes_its_unet_and_vae(tmp_path, monkeypatc
     from dpiqa_jax.weights.diffusers import load_sd_folder
 
     cfg = teacher_config_from_dict(TINY)
-    random = jax.tree.map(lambda s: np.full(s.shape, 7, s.dtype), param_shapes(cfg))
-    monkeypatch.setattr(teacher, "_jitted_init", lambda cfg: lambda key, *inputs: {"params": random})
     folder = write_tiny_sd_folder(tmp_path / "sd", seed=3)
-    params = teacher.init_teacher_params(cfg, seed=0, sd_dir=str(folder))
+    params = teacher.init_teacher_params(cfg, seed=5, sd_dir=str(folder))
     _, unet, _, vae = load_sd_folder(folder)
-    expected = {**random, "unet": unet, "vae": vae}
+    expected = {**teacher.init_teacher_params(cfg, seed=5), "unet": unet, "vae": vae}
     assert jax.tree.structure(params) == jax.tree.structure(expected)
     for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(expected), strict=True):
         np.testing.assert_array_equal(got, want)
