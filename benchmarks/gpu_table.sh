@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The figures of the README's speed table, one `speed.py` run each (our code and the authors'
-# PyTorch baseline in the same process) and two `startup.py` runs, on whatever device JAX and
+# PyTorch baseline in the same process) and three `startup.py` runs, on whatever device JAX and
 # PyTorch see.
 #
-#   benchmarks/gpu_table.sh OUT [RUN ...]     RUN: teacher student uncached xla remat cold warm (default: all, in order)
+#   benchmarks/gpu_table.sh OUT [RUN ...]     RUN: teacher student uncached xla remat cold warm sd (default: all, in order)
 #
 #   teacher  teacher training step and inference (the config's defaults: bfloat16, fused attention,
 #            cached VAE posteriors)
@@ -15,6 +15,8 @@
 #   cold     issue 7's startup figure (benchmarks/startup.py): `dpiqa-jax train` on the full-size
 #            teacher to the end of its first step, with emptied caches (OUT/start_cache)
 #   warm     the same command again, with the caches the cold run left
+#   sd       the warm run from a local SD-1.5 folder (model.sd_dir) as a user's runs read it: random
+#            weights of the real size, written to $SD_DIR (default /tmp/dpiqa_sd15) first if missing
 #
 # Each run writes OUT/RUN.json and OUT/RUN.log, and stops after $LIMIT seconds (default 420) so
 # that a run that hangs leaves time for the next. $SPEED_ARGS goes to every speed.py run and
@@ -22,10 +24,10 @@
 #   SPEED_ARGS="--tiny --batch 4 --steps 2 --warmup 1" STARTUP_ARGS="--config configs/demo.py:smoke" \
 #     benchmarks/gpu_table.sh /tmp/table teacher cold warm
 set -uo pipefail
-out=${1:?usage: benchmarks/gpu_table.sh OUT [teacher student uncached xla remat cold warm]}
+out=${1:?usage: benchmarks/gpu_table.sh OUT [teacher student uncached xla remat cold warm sd]}
 shift
 runs=("$@")
-[ ${#runs[@]} -gt 0 ] || runs=(teacher student uncached xla remat cold warm)
+[ ${#runs[@]} -gt 0 ] || runs=(teacher student uncached xla remat cold warm sd)
 here=$(dirname "$0")
 repo=$(cd "$here/.." && pwd)
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"  # dpiqa_jax from this checkout, installed or not
@@ -45,7 +47,8 @@ for run in "${runs[@]}"; do
     remat) command=("${speed[@]}" --jobs teacher_train --remat off "${speed_extra[@]}") ;;
     cold) command=("${startup[@]}" --cold) ;;
     warm) command=("${startup[@]}") ;;
-    *) echo "gpu_table.sh: unknown run '$run' (teacher, student, uncached, xla, remat, cold, warm)" >&2; exit 2 ;;
+    sd) command=("${startup[@]}" --sd-dir "${SD_DIR:-/tmp/dpiqa_sd15}" --random-sd) ;;
+    *) echo "gpu_table.sh: unknown run '$run' (teacher, student, uncached, xla, remat, cold, warm, sd)" >&2; exit 2 ;;
   esac
   start=$SECONDS
   env PYTHONUNBUFFERED=1 timeout "${LIMIT:-420}" "${command[@]}" > "$out/$run.log" 2>&1

@@ -4,9 +4,12 @@ command itself prints it, with cold or warm caches.
     python benchmarks/startup.py OUT/start_cold.json --cache OUT/start_cache --cold   # emptied first
     python benchmarks/startup.py OUT/start_warm.json --cache OUT/start_cache          # then again
     python benchmarks/startup.py OUT/check.json --cache /tmp/c --config configs/demo.py:smoke  # CPU
+    python benchmarks/startup.py OUT/start_sd.json --cache OUT/start_cache --cold --sd-dir /tmp/sd15
 
 The run is the full-size teacher of `--config` (default configs/default.py: SD-1.5, 512 px, batch
-16) with random weights (no model files) on the built-in synthetic images, in a new workdir, with
+16) with random weights (no model files), or with `--sd-dir` the U-Net and VAE of a local
+diffusers folder as a user's first run reads SD-1.5 (`random_sd.py` writes one of the real size),
+on the built-in synthetic images, in a new workdir, with
 JAX's compilation cache (and the stored train step beside it) and the per-image caches under
 `--cache`: what a rerun with the same config finds, against what a first run finds. The run is
 killed once its first step is done. No JAX in this process: the command has the device to itself.
@@ -24,6 +27,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parent.parent
 DATASET = "synthetic_iqa/tiny"  # built by dpiqa_jax from nothing: no download
@@ -39,6 +43,10 @@ def parse_args(argv=None):
     p.add_argument("--config", default=str(REPO / "configs" / "default.py"))
     p.add_argument("--data-dir", help=f"where {DATASET} is prepared (default: --cache/tfds; not emptied)")
     p.add_argument("--limit", type=float, default=600, help="seconds before the command is given up")
+    p.add_argument("--sd-dir", help="start from this diffusers folder's U-Net and VAE (model.sd_dir)")
+    p.add_argument("--random-sd", action="store_true",
+                   help="if --sd-dir holds no model, write random weights of the config's shapes there first "
+                        "(random_sd.py; not timed)")
     return p.parse_args(argv)
 
 
@@ -58,24 +66,33 @@ def main(argv=None) -> int:
     if prepared.returncode:
         print(f"startup: preparing {DATASET} failed:\n{prepared.stderr[-3000:]}", file=sys.stderr)
         return 1
+    if args.random_sd and args.sd_dir and not (Path(args.sd_dir) / "unet" / "config.json").exists():
+        written = subprocess.run([sys.executable, str(REPO / "benchmarks" / "random_sd.py"), args.sd_dir,
+                                  "--config", args.config], env=env, capture_output=True, text=True)
+        if written.returncode:
+            print(f"startup: writing {args.sd_dir} failed:\n{written.stderr[-3000:]}", file=sys.stderr)
+            return 1
     with tempfile.TemporaryDirectory(dir=cache.parent, prefix="startup_workdir_") as workdir:
-        seconds, log = first_step(train_command(args.config, workdir, data_dir, cache), env, args.limit)
+        command = train_command(args.config, workdir, data_dir, cache, args.sd_dir)
+        seconds, log = first_step(command, env, args.limit)
     device = DEVICE.search(log)
     device = device.group(1) if device else None
-    result = {"config": args.config, "cold": args.cold, "first_step_s": seconds, "device": device,
-              "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    result = {"config": args.config, "cold": args.cold, "sd_dir": args.sd_dir, "first_step_s": seconds,
+              "device": device, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
     if seconds is None:
         print(f"startup: no first step (the command failed or ran past {args.limit:.0f} s); its output "
               f"ends:\n{log[-3000:]}", file=sys.stderr)
         return 1
-    print(f"command to first step: {seconds:.1f} s ({'cold' if args.cold else 'warm'} caches, {device})")
+    caches = "cold" if args.cold else "warm"
+    weights = f", U-Net and VAE from {args.sd_dir}" if args.sd_dir else ""
+    print(f"command to first step: {seconds:.1f} s ({caches} caches, {device}{weights})")
     return 0
 
 
-def train_command(config: str, workdir: str, data_dir: Path, cache: Path) -> list[str]:
+def train_command(config: str, workdir: str, data_dir: Path, cache: Path, sd_dir: Optional[str]) -> list[str]:
     overrides = {"dataset.name": DATASET, "dataset.manual_dir": "none", "dataset.data_dir": data_dir,
-                 "dataset.split": "official", "model.sd_dir": "none", "model.embeddings": "none",
+                 "dataset.split": "official", "model.sd_dir": sd_dir or "none", "model.embeddings": "none",
                  "model.init_from": "none", "cache_dir": cache / "examples", "num_steps": 100_000,
                  "eval.every": 100_000, "checkpoint.every": 100_000}
     return [sys.executable, "-m", "dpiqa_jax.cli", "train", "--config", config, "--workdir", workdir,

@@ -1,5 +1,6 @@
 """benchmarks/startup.py run as gpu_table.sh runs it, on the CPU with the demo's tiny teacher: the
-command's own first-step figure reported, the caches where it says, and nothing left running."""
+command's own first-step figure reported, the caches where it says, and nothing left running; then
+the warm start from a local SD folder of random weights that it writes first (random_sd.py)."""
 import json
 import os
 import subprocess
@@ -16,20 +17,32 @@ pytestmark = pytest.mark.slow  # one cold compile of the tiny train step
 def test_a_cold_start_reports_the_commands_first_step_and_leaves_nothing_running(train_root, tmp_path):
     cache = tmp_path / "start_cache"
     (cache / "stale").mkdir(parents=True)  # --cold empties the folder
-    command = [sys.executable, "benchmarks/startup.py", str(tmp_path / "cold.json"), "--cache", str(cache),
-               "--cold", "--config", str(REPO / "configs" / "demo.py") + ":smoke",
-               "--data-dir", str(train_root / "tfds"), "--limit", "300"]
-    result = subprocess.run(command, cwd=REPO, env=environment(train_root), capture_output=True, text=True,
-                            timeout=400)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((tmp_path / "cold.json").read_text())
+    report, stdout = start(train_root, tmp_path / "cold.json", cache, "--cold")
     assert report["cold"] and report["device"] == "cpu" and 0 < report["first_step_s"] < 300
-    assert f"command to first step: {report['first_step_s']:.1f} s (cold caches, cpu)" in result.stdout
+    assert f"command to first step: {report['first_step_s']:.1f} s (cold caches, cpu)" in stdout
     assert not (cache / "stale").exists()
     assert list((cache / "xla" / "dpiqa_steps").glob("*.bin"))  # the stored step, for a warm start
     assert list((cache / "examples" / "vae_posteriors").glob("*/identity.json"))
     assert not list(tmp_path.glob("startup_workdir_*"))  # the run's workdir is gone
     assert not running_with(str(cache))  # the command and all it started were killed
+
+    sd = tmp_path / "sd"
+    report, stdout = start(train_root, tmp_path / "sd.json", cache, "--sd-dir", str(sd), "--random-sd")
+    assert not report["cold"] and report["sd_dir"] == str(sd) and 0 < report["first_step_s"] < 300
+    assert f"(warm caches, cpu, U-Net and VAE from {sd})" in stdout
+    assert (sd / "unet" / "config.json").exists() and (sd / "vae" / "config.json").exists()
+    assert not running_with(str(cache))
+
+
+def start(train_root, output, cache, *options) -> tuple[dict, str]:
+    """(the report startup.py wrote, its output) for the demo's smoke teacher; it must succeed."""
+    config = str(REPO / "configs" / "demo.py") + ":smoke"
+    command = [sys.executable, "benchmarks/startup.py", str(output), "--cache", str(cache),
+               "--config", config, "--data-dir", str(train_root / "tfds"), "--limit", "300", *options]
+    result = subprocess.run(command, cwd=REPO, env=environment(train_root), capture_output=True, text=True,
+                            timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(output.read_text()), result.stdout
 
 
 def running_with(text: str) -> list[str]:
