@@ -70,19 +70,14 @@ def stop_with_sigterm(command: list[str], env: dict, workdir: Path, name: str = 
     machine): it exits with 143 and one line naming the step it saved. (its stdout, that step)."""
     process = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
-    deadline = time.time() + 600
-    while not records_or_none(workdir) and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert process.poll() is None, "the run ended before SIGTERM: " + process.stderr.read()[-2000:]
+    wait_for_first_record(process, workdir, "train", lambda: process.stderr.read())
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 143, stderr[-2000:]
     last = stderr.strip().splitlines()[-1]
-    step = int(last.split("after step ")[1].split(",")[0])
+    step = saved_step(last, workdir)
     assert last == (f"dpiqa-jax {name}: stopped by SIGTERM after step {step}, which is saved: run the same "
                     f"command again to resume")
-    assert (workdir / "checkpoints" / "latest" / str(step)).is_dir()
-    assert not (workdir / "results.json").exists()
     return stdout, step
 
 
@@ -98,10 +93,7 @@ def stop_processes_with_sigterm(command: list[str], env: dict, workdir: Path, na
     readers = [follow(p.stdout, outs[i]) for i, p in enumerate(procs)] + [
         follow(procs[0].stderr, errs[0], "stopped by SIGTERM", stopped), follow(procs[1].stderr, errs[1])]
     try:
-        deadline = time.time() + 600
-        while not records_or_none(workdir, split) and procs[1].poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-        assert procs[1].poll() is None, "the run ended before SIGTERM: " + "".join(errs[1])[-2000:]
+        wait_for_first_record(procs[1], workdir, split, lambda: "".join(errs[1]))
         procs[1].send_signal(signal.SIGTERM)
         assert stopped.wait(timeout=300), "".join(errs[0])[-2000:]
         procs[1].send_signal(signal.SIGSTOP)
@@ -119,10 +111,25 @@ def stop_processes_with_sigterm(command: list[str], env: dict, workdir: Path, na
     lasts = [[line for line in e.splitlines() if line.startswith(f"dpiqa-jax {name}: stopped by SIGTERM")]
              for e in errors]  # before jax.distributed's lines of its shutdown
     assert len(lasts[0]) == 1 and lasts[1] == lasts[0], lasts
-    step = int(lasts[0][0].split("after step ")[1].split(",")[0])
+    return ["".join(lines) for lines in outs], saved_step(lasts[0][0], workdir)
+
+
+def wait_for_first_record(process: subprocess.Popen, workdir: Path, split: str, stderr) -> None:
+    """Until `workdir` holds its first record of `split`; `process` must still run then (`stderr()`:
+    its error output so far, for the message if it does not)."""
+    deadline = time.time() + 600
+    while not records_or_none(workdir, split) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before SIGTERM: " + stderr()[-2000:]
+
+
+def saved_step(line: str, workdir: Path) -> int:
+    """The step a run's 'stopped by SIGTERM after step N' line names: saved as the latest
+    checkpoint, and the run not finished."""
+    step = int(line.split("after step ")[1].split(",")[0])
     assert (workdir / "checkpoints" / "latest" / str(step)).is_dir(), step
     assert not (workdir / "results.json").exists()
-    return ["".join(lines) for lines in outs], step
+    return step
 
 
 def follow(stream, lines: list, marker: str = "", seen: threading.Event = None) -> threading.Thread:
