@@ -28,7 +28,7 @@ from dpiqa_jax.train import state as state_lib
 from dpiqa_jax.train.config_util import require_existing
 from dpiqa_jax.train.loop import Task, posterior_join, posterior_shapes
 from dpiqa_jax.train.state import TrainState
-from dpiqa_jax.train.step import latents, posterior
+from dpiqa_jax.train.step import latents, posterior, step_metrics
 
 
 def teacher_outputs(teacher_model: DPIQA, inputs: dict, batch: dict, rng, latent_mode: str):
@@ -62,11 +62,8 @@ def distill_step(state: TrainState, batch: dict, inputs: dict, *, student: Stude
     (loss, (parts, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params["params"])
     updates_opt, opt_state = tx.update({"params": grads}, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates_opt)
-    grad_norm = optax.global_norm(grads)
-    metrics = {"loss": loss, **parts, "grad_norm": grad_norm, "param_norm": optax.global_norm(params),
-               "is_finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
     state = state.replace(step=state.step + 1, params=params, frozen=dict(updates), opt_state=opt_state)
-    return state, metrics
+    return state, step_metrics(loss, parts, grads, params)
 
 
 def teacher_map_step(inputs: dict, batch: dict, *, teacher_model: DPIQA) -> dict:

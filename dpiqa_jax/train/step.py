@@ -72,10 +72,16 @@ def train_step(state: TrainState, batch: dict, embeddings: jax.Array, *, model: 
     (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.global_norm(grads)
-    metrics = {"loss": loss, **parts, "grad_norm": grad_norm, "param_norm": optax.global_norm(params),
-               "is_finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return state, step_metrics(loss, parts, grads, params)
+
+
+def step_metrics(loss: jax.Array, parts: dict, grads, params) -> dict:
+    """A train step's metrics: the loss and its parts, the norms of the gradient and of the updated
+    params, and whether loss and gradient are finite (the loop stops the run on a NaN)."""
+    grad_norm = optax.tree.norm(grads)
+    return {"loss": loss, **parts, "grad_norm": grad_norm, "param_norm": optax.tree.norm(params),
+            "is_finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
 
 
 def eval_step(params, batch: dict, embeddings: jax.Array, rng: jax.Array, *, model: DPIQA,
