@@ -15,8 +15,9 @@
 #   cold     issue 7's startup figure (benchmarks/startup.py): `dpiqa-jax train` on the full-size
 #            teacher to the end of its first step, with emptied caches (OUT/start_cache)
 #   warm     the same command again, with the caches the cold run left
-#   sd       the warm run from a local SD-1.5 folder (model.sd_dir) as a user's runs read it: random
-#            weights of the real size, written to $SD_DIR (default /tmp/dpiqa_sd15) first if missing
+#   sd       the warm run from a local SD-1.5 folder (model.sd_dir), as a user's reruns read it: random
+#            weights of the real size, written to $SD_DIR (default /tmp/dpiqa_sd15) first if missing,
+#            and a first run from them (new weights: the VAE's posteriors made) before the timed one
 #
 # Each run writes OUT/RUN.json and OUT/RUN.log, and stops after $LIMIT seconds (default 420) so
 # that a run that hangs leaves time for the next. $SPEED_ARGS goes to every speed.py run and
@@ -47,7 +48,7 @@ for run in "${runs[@]}"; do
     remat) command=("${speed[@]}" --jobs teacher_train --remat off "${speed_extra[@]}") ;;
     cold) command=("${startup[@]}" --cold) ;;
     warm) command=("${startup[@]}") ;;
-    sd) command=("${startup[@]}" --sd-dir "${SD_DIR:-/tmp/dpiqa_sd15}" --random-sd) ;;
+    sd) command=("${startup[@]}" --sd-dir "${SD_DIR:-/tmp/dpiqa_sd15}" --random-sd --prime) ;;
     *) echo "gpu_table.sh: unknown run '$run' (teacher, student, uncached, xla, remat, cold, warm, sd)" >&2; exit 2 ;;
   esac
   start=$SECONDS

@@ -1,6 +1,7 @@
 """benchmarks/startup.py run as gpu_table.sh runs it, on the CPU with the demo's tiny teacher: the
 command's own first-step figure reported, the caches where it says, and nothing left running; then
-the warm start from a local SD folder of random weights that it writes first (random_sd.py)."""
+the warm start from a local SD folder of random weights that it writes first (random_sd.py), after
+a first run from them."""
 import json
 import os
 import subprocess
@@ -27,10 +28,16 @@ def test_a_cold_start_reports_the_commands_first_step_and_leaves_nothing_running
     assert not running_with(str(cache))  # the command and all it started were killed
 
     sd = tmp_path / "sd"
-    report, stdout = start(train_root, tmp_path / "sd.json", cache, "--sd-dir", str(sd), "--random-sd")
-    assert not report["cold"] and report["sd_dir"] == str(sd) and 0 < report["first_step_s"] < 300
-    assert f"(warm caches, cpu, U-Net and VAE from {sd})" in stdout
+    options = ("--sd-dir", str(sd), "--random-sd", "--prime")
+    report, stdout = start(train_root, tmp_path / "sd.json", cache, *options)
+    assert not report["cold"] and report["sd_dir"] == str(sd)
+    seconds, primed = report["first_step_s"], report["primed_first_step_s"]
+    assert 0 < seconds < 300 and 0 < primed < 300
+    assert (f"command to first step: {seconds:.1f} s (warm caches, cpu, U-Net and VAE from {sd}; after a "
+            f"first run of {primed:.1f} s)") in stdout
     assert (sd / "unet" / "config.json").exists() and (sd / "vae" / "config.json").exists()
+    # the folder's VAE, not the random one of the cold start: posteriors of its own
+    assert len(list((cache / "examples" / "vae_posteriors").glob("*/identity.json"))) == 2
     assert not running_with(str(cache))
 
 
