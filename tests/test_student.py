@@ -94,13 +94,7 @@ def test_bad_student_files_name_every_bad_key(torch_student, tmp_path):
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_torchvision_importer(torch_student, tmp_path, suffix):
     """An ImageNet-style torchvision file (classifier included) fills a student's base_model."""
-    base = torchvision.models.efficientnet_b0(weights=None)
-    base.load_state_dict(torch_student.base_model.state_dict(), strict=False)  # all but the classifier
-    path = tmp_path / f"efficientnet_b0{suffix}"
-    if suffix == ".pth":
-        torch.save(base.state_dict(), path)
-    else:
-        safetensors.numpy.save_file(state_numpy(base), str(path))
+    path = torchvision_file(torch_student, tmp_path / f"efficientnet_b0{suffix}")
     imported = load_torchvision_efficientnet(path, "b0")
     x = jnp.asarray(nhwc(random_images().numpy()))
     expected = flax_variables(EfficientNet("b0"), torch_student.base_model, x, prefix="")
@@ -110,6 +104,32 @@ def test_torchvision_importer(torch_student, tmp_path, suffix):
     assert merged["params"]["base_model"] is imported["params"]
     assert merged["batch_stats"]["base_model"] is imported["batch_stats"]
     assert merged["params"]["fc1"] is student["params"]["fc1"]
+
+
+def test_a_distillation_starts_from_the_imagenet_file_and_the_random_head(torch_student, tmp_path):
+    """`student.imagenet`: the base_model is the file's (as the importer reads it alone), the other
+    parts the random init's, value for value, though that init is compiled without the base's."""
+    from dpiqa_jax.train.distill import init_student
+
+    path = torchvision_file(torch_student, tmp_path / "efficientnet_b0.pth")
+    student = Student(**TINY)
+    variables = init_student(student, 64, seed=3, imagenet=str(path))
+    expected = with_base_model(init_student(student, 64, seed=3), load_torchvision_efficientnet(path, "b0"))
+    assert jax.tree.structure(variables) == jax.tree.structure(expected)
+    for got, want in zip(jax.tree.leaves(variables), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def torchvision_file(torch_student, path):
+    """`path` (.pth or .safetensors): a torchvision EfficientNet-B0 state dict, classifier included,
+    holding `torch_student`'s base weights."""
+    base = torchvision.models.efficientnet_b0(weights=None)
+    base.load_state_dict(torch_student.base_model.state_dict(), strict=False)  # all but the classifier
+    if path.suffix == ".pth":
+        torch.save(base.state_dict(), path)
+    else:
+        safetensors.numpy.save_file(state_numpy(base), str(path))
+    return path
 
 
 def test_parameter_count_at_the_authors_size():
