@@ -40,11 +40,12 @@ def passes(calls):
     return compute
 
 
-def test_built_once_then_reused_and_joined_by_index(tmp_path):
+def test_built_once_then_reused_and_joined_by_index(tmp_path, capfd):
     calls = []
     maps = build(tmp_path, {"teacher": "a"}, passes(calls))
+    assert "maps: 100%|██████████| 4/4 " in capfd.readouterr().err  # the pass's bar, padding not counted
     again = build(tmp_path, {"teacher": "a"}, passes(calls))
-    assert len(calls) == 1
+    assert len(calls) == 1 and "maps:" not in capfd.readouterr().err
     batch = {"index": np.array([11, 5, 11]), "image": np.zeros(3)}
     for cache in (maps, again):
         joined = cache.join(batch)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
+from tqdm import tqdm
 
 from dpiqa_jax.errors import UserError
 from dpiqa_jax.train import mesh as mesh_lib
@@ -104,7 +105,7 @@ def load_or_build(root: str, kind: str, identity: dict, indices: np.ndarray, sha
         # Process 0 writes for those that see its files; the others that lack the cache, for themselves.
         shared = several and _sees_process_0s_files(os.path.dirname(folder))
         write = bool(lacking[me]) and (me == 0 or not shared or not lacking[0])
-        _build(folder, identity, indices, shapes, compute, write)
+        _build(folder, identity, indices, shapes, _counted(compute, len(indices), kind), write)
         if several:
             multihost_utils.sync_global_devices(f"example cache built: {kind}")
             if read_identity(folder) != identity:
@@ -132,6 +133,18 @@ def join_from_pass(root: str, kind: str, data, step: Callable, inputs, shapes: d
     identity = {**identity, "dataset": data.name, "image_size": data.image_size}
     compute = lambda: (mesh_lib.host_values(jitted(inputs, batch)) for batch in data.eval_batches("train"))
     return load_or_build(root, kind, identity, data.train_indices, shapes, compute).join
+
+
+def _counted(compute: Callable[[], Iterable[dict]], total: int, kind: str) -> Callable[[], Iterable[dict]]:
+    """`compute` whose batches move a progress bar of the pass (process 0's, as the train bar): on
+    a large dataset the pass takes minutes before the first step."""
+    def batches():
+        with tqdm(total=total, unit="img", desc=kind, disable=jax.process_index() != 0,
+                  dynamic_ncols=True) as bar:
+            for batch in compute():
+                bar.update(int(batch["mask"].sum()))  # the padding of the last batch not counted
+                yield batch
+    return batches
 
 
 def _build(folder: str, identity: dict, indices: np.ndarray, shapes: dict[str, tuple], compute,
