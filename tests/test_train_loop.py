@@ -281,9 +281,10 @@ def test_restore_teacher_from_a_workdir_or_a_checkpoint_folder(smoke_run):
 
 def test_evaluate_command_reproduces_the_best_evaluation(smoke_run, train_root, tmp_path):
     out = tmp_path / "eval"
-    check(run(CLI + ["evaluate", "--checkpoint", str(smoke_run),
-               "--dataset", "synthetic_iqa/tiny", "--protocol", "official", "--batch-size", "32",
-               "--data-dir", str(train_root / "tfds"), "--output", str(out)], environment(train_root)))
+    said = check(run(CLI + ["evaluate", "--checkpoint", str(smoke_run),
+                      "--dataset", "synthetic_iqa/tiny", "--protocol", "official", "--batch-size", "32",
+                      "--data-dir", str(train_root / "tfds"), "--output", str(out)], environment(train_root)))
+    assert "synthetic_iqa/tiny test: 100%|██████████| 1/1 " in said.stderr  # its progress bar: 8 images
     got = json.loads((out / "results.json").read_text())
     best = results(smoke_run)["best"]["srcc"]["metrics"]
     assert got["num_images"] == 8 and got["srcc"] == pytest.approx(best["srcc"], abs=1e-6)

@@ -15,7 +15,7 @@ still alive when the interpreter exits (a finished script, an error mid-epoch) h
 import collections
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Iterator, Optional, Union
+from typing import Iterable, Iterator, Optional, Sized, Union
 
 import jax
 import numpy as np
@@ -79,6 +79,7 @@ class ParallelBatches:
     stays bounded by `prefetch` batches. An error while loading is raised by `next`."""
 
     def __init__(self, keys: Iterable[np.ndarray], load, threads: Optional[int] = None, prefetch: int = 2):
+        self.count = len(keys) if isinstance(keys, Sized) else None  # the number of batches, if known
         self._keys, self._load, self._prefetch = iter(keys), load, max(1, prefetch)
         threads = threads or len(os.sched_getaffinity(0))
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="dpiqa-data")

@@ -4,6 +4,7 @@ from typing import Callable, Iterable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from dpiqa_jax.errors import UserError
 from dpiqa_jax.train import mesh as mesh_lib
@@ -48,10 +49,12 @@ def evaluate_checkpoint(checkpoint: str, dataset: str, *, part: str = "test", sp
                                                        latents, jnp.dtype(dtype))
     predictions = []
     for name in parts[part]:
-        batches = pipeline.eval_batches(dataset, split, batch_size=batch_size, part=name,
-                                        image_size=image_size, data_dir=data_dir, manual_dir=manual_dir,
-                                        image_dtype="uint8")
-        batches = (pipeline.to_global(b, mesh, mesh_lib.BATCH_AXES) for b in batches)
+        loaded = pipeline.eval_batches(dataset, split, batch_size=batch_size, part=name,
+                                       image_size=image_size, data_dir=data_dir, manual_dir=manual_dir,
+                                       image_dtype="uint8")
+        shown = tqdm(loaded, total=loaded.count, unit="batch", desc=f"{dataset} {name}", dynamic_ncols=True,
+                     disable=jax.process_index() != 0)  # a whole dataset on one device takes a while
+        batches = (pipeline.to_global(b, mesh, mesh_lib.BATCH_AXES) for b in shown)
         key = jax.random.fold_in(jax.random.PRNGKey(seed), len(predictions))
         predictions.append(predict(step, params, batches, embeddings, key))
     merged = {k: np.concatenate([p[k] for p in predictions]) for k in predictions[0]}
