@@ -76,11 +76,13 @@ def main(argv=None) -> int:
         if written.returncode:
             print(f"startup: writing {args.sd_dir} failed:\n{written.stderr[-3000:]}", file=sys.stderr)
             return 1
-    starts = []  # (seconds, output) of each run of the command
-    while len(starts) < 1 + args.prime and (not starts or starts[-1][0] is not None):
+    starts = []  # (seconds, output) of each run of the command: the priming one first
+    for _ in range(1 + args.prime):
         with tempfile.TemporaryDirectory(dir=cache.parent, prefix="startup_workdir_") as workdir:
-            starts.append(first_step(train_command(args.config, workdir, data_dir, cache, args.sd_dir), env,
-                                     args.limit))
+            command = train_command(args.config, workdir, data_dir, cache, args.sd_dir)
+            starts.append(first_step(command, env, args.limit))
+        if starts[-1][0] is None:  # failed: reported below with its output
+            break
     seconds, log = starts[-1]
     device = DEVICE.search(log)
     device = device.group(1) if device else None
