@@ -1,8 +1,11 @@
 """The stored train step (`exported`): the jitted step's own results from a cold and a warm start,
-one program per key, a damaged file made again, the plain step where export is refused, and the
-run going on where the program cannot be written."""
+one program per key, a damaged file made again, the plain step where export is refused, the run
+going on where the program cannot be written, and the processes of a multi-host run agreeing."""
 import errno
+import json
 import os
+import subprocess
+import sys
 import time
 
 import jax
@@ -141,6 +144,26 @@ def test_the_stored_program_follows_what_the_train_step_is_built_from(config_fil
     apply_overrides(configs[1], list(changes.items()))
     base, changed = (step_identity(config, task, 3, 9) for config in configs)
     assert (base == changed) is same
+
+
+def test_the_processes_of_a_multi_host_run_take_the_stored_program_all_or_none(tmp_path):
+    """Two jax.distributed processes, a mesh across both, each with a folder of its own: a cold start
+    (both export) and a warm one (both read) run the stored program, with the plain step's results;
+    where one process has a refusal and the other the program, both run the plain step."""
+    from train_helpers import REPO, environment, free_port
+
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "exported_script.py", str(port), str(i), str(tmp_path)],
+                              env=environment(tmp_path), cwd=REPO / "tests", stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (out, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+        assert json.loads(out.splitlines()[-1]) == [True, True, False], out
 
 
 def test_without_a_directory_the_step_is_the_plain_one():

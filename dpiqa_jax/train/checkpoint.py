@@ -130,8 +130,10 @@ def write_model_files(workdir: str, model_file: str, model_dict: dict, embedding
 
 
 def atomic_write(path: str, write) -> None:
-    """`write(binary file)` into a temporary file renamed to `path`: `path` never holds a partial file."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    """`write(binary file)` into a temporary file renamed to `path`: `path` never holds a partial file.
+    The temporary is this host's and process's own: the processes of several hosts may write one path
+    (a stored train step on shared storage), and containers give their processes the same pids."""
+    tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
             write(f)

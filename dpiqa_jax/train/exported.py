@@ -5,9 +5,10 @@ lowering of the step first: most of a warm start at full size (SD-1.5, batch 16,
 13.5 s, against 1.4 s to deserialize and lower the exported step). The program is stored beside
 that cache under a key made of all it is a function of: this package's source, the versions of
 JAX, Flax and optax, JAX's settings, the devices, the caller's description of the step (config,
-model, schedule) and the arguments' shapes, dtypes and shardings. Where it cannot be used (several
-processes, a program that export refuses) the step is the plain jitted one; a refusal is kept, so
-the next start does not try again.
+model, schedule) and the arguments' shapes, dtypes and shardings. Where it cannot be used (a
+program that export refuses) the step is the plain jitted one; a refusal is kept, so the next start
+does not try again. The processes of a multi-host run use the stored program only if all of them
+have it (`agreed`): different programs must not meet in the step's collectives.
 """
 import functools
 import hashlib
@@ -19,8 +20,10 @@ from typing import Callable, Optional
 import flax
 import jax
 import jaxlib
+import numpy as np
 import optax
 from jax import export
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 import dpiqa_jax
@@ -61,7 +64,7 @@ def train_step(step: Callable, args: tuple, identity: dict, mesh: Mesh, director
     replicated) as the stored program for `args` (arrays or ShapeDtypeStructs with shardings) and
     `identity` (all that the step closes over, as JSON), exported and stored if there is none;
     `step` itself where the program cannot be stored or exported."""
-    if directory is None or jax.process_count() > 1:
+    if directory is None:
         return step
     state, *rest = args
     treedef = jax.tree.structure(state)
@@ -93,6 +96,16 @@ def train_step(step: Callable, args: tuple, identity: dict, mesh: Mesh, director
 
     call = jax.jit(stored_step, in_shardings=shardings, out_shardings=outputs, donate_argnums=(0,))
     return FlatStep(call, treedef)
+
+
+def agreed(ready, step: Callable):
+    """`ready` (what `train_step` gave) where every process took the stored program or none did,
+    else `step` everywhere: each process decides from its own folder (a host's local cache may
+    lack the program or hold a refusal), and all must run the same one."""
+    if jax.process_count() == 1:
+        return ready
+    stored = multihost_utils.process_allgather(np.asarray(isinstance(ready, FlatStep)))
+    return ready if stored.all() else step
 
 
 def _store(path: str, data: bytes) -> None:

@@ -182,7 +182,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: O
     if task.batch_join and start < total_steps:
         join = task.batch_join(data, cache_root(config, workdir), state, step_inputs)
     if compiled is not None:
-        train_step = compiled.result()  # raises what compiling raised
+        train_step = exported.agreed(compiled.result(), train_step)  # raises what compiling raised
     reporter = report.Reporter(workdir, total_steps, start, config.batch_size)
     run = _Run(config, data, reporter, checkpoints, eval_step, step_inputs, best, join)
     failing = True  # until the end: closing must not hide the error that stops the run
