@@ -121,17 +121,20 @@ def test_a_write_that_fails_leaves_neither_a_partial_file_nor_its_temporary(tmp_
     ("demo.py", {"dataset.split": "random", "dataset.data_dir": "/d", "eval.every": "7",
                  "eval.latents": "sample", "checkpoint.every": "9", "log_every": "1", "seed": "3",
                  "cache_dir": "/c"}, True),
+    ("demo.py", {"model.sd_dir": "/s", "model.embeddings": "/e.npy", "model.init_from": "/w"}, True),
     ("demo.py", {"optim.lr": "0.5"}, False),
     ("demo.py", {"model.dtype": "bfloat16"}, False),
     ("demo.py", {"model.latents": "mean"}, False),
     ("demo.py", {"loss.rank_weight": "1.0"}, False),
     ("student_demo.py", {"dataset.split": "random", "eval.every": "7", "seed": "3"}, True),
+    ("student_demo.py", {"student.imagenet": "/b0.pth"}, True),
     ("student_demo.py", {"loss.map_weight": "0.5"}, False),
     ("student_demo.py", {"student.variant": "b1"}, False),
 ])
 def test_the_stored_program_follows_what_the_train_step_is_built_from(config_file, changes, same):
-    """Runs that differ only in what the step is given (split, paths, evaluation, checkpoints,
-    logging, seed) share a program; a change to what builds it (optimiser, model, loss) never does."""
+    """Runs that differ only in what the step is given (split, paths, weight files, evaluation,
+    checkpoints, logging, seed) share a program; a change to what builds it (optimiser, model, loss)
+    never does: the model's architecture is in the task's description, which this test holds fixed."""
     from types import SimpleNamespace
 
     from train_helpers import REPO

@@ -41,6 +41,10 @@ BEST = {"best_srcc": "srcc", "best_plcc": "plcc"}
 # student's also student); the rest (data, evaluation, checkpoints, logging, seed, cache folder)
 # changes what the step is given, never the step.
 STEP_GROUPS = ("model", "optim", "loss", "student")
+# Their keys that name weight files: the weights are the step's arguments, their shapes in its key
+# and the architecture in the model's description, so another file of the same model (a moved SD
+# folder, another checkpoint to fine-tune) finds the same program.
+WEIGHT_FILES = ("sd_dir", "embeddings", "init_from", "imagenet")
 EVAL_SEED = 0x5EED  # eval draws ('sample' latents) use fold_in(PRNGKey(seed), EVAL_SEED), then the batch
 
 
@@ -210,7 +214,8 @@ def step_identity(config: ml_collections.ConfigDict, task: Task, steps_per_epoch
     `exported`): its config groups, the model, what the task adds (a student's teacher) and the
     schedule's lengths. A run that differs elsewhere (another split, workdir, evaluation period,
     seed) finds the same program."""
-    groups = {name: config[name].to_dict() for name in STEP_GROUPS if name in config}
+    groups = {name: {key: value for key, value in config[name].to_dict().items() if key not in WEIGHT_FILES}
+              for name in STEP_GROUPS if name in config}
     return {"config": groups, "model": task.model_dict, "closes_over": task.closes_over,
             "schedule": [steps_per_epoch, total_steps]}
 
