@@ -32,6 +32,7 @@ from typing import Optional
 REPO = Path(__file__).resolve().parent.parent
 DATASET = "synthetic_iqa/tiny"  # built by dpiqa_jax from nothing: no download
 FIRST_STEP = re.compile(r"first step done ([0-9.]+) s after the command started")
+READ_BACK = "the train step's stored program"  # in that line where the start skipped the step's trace
 DEVICE = re.compile(r"dpiqa-jax: [0-9]+ devices? \((.*?)\) in ")  # the run's own first line
 
 
@@ -86,8 +87,10 @@ def main(argv=None) -> int:
     seconds, log = starts[-1]
     device = DEVICE.search(log)
     device = device.group(1) if device else None
+    read_back = READ_BACK in log
     result = {"config": args.config, "cold": args.cold, "sd_dir": args.sd_dir, "first_step_s": seconds,
-              "primed_first_step_s": starts[0][0] if args.prime else None, "device": device,
+              "primed_first_step_s": starts[0][0] if args.prime else None, "stored_step": read_back,
+              "device": device,
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
     if seconds is None:
@@ -97,7 +100,8 @@ def main(argv=None) -> int:
     caches = "cold" if args.cold else "warm"
     weights = f", U-Net and VAE from {args.sd_dir}" if args.sd_dir else ""
     primed = f"; after a first run of {starts[0][0]:.1f} s" if args.prime else ""
-    print(f"command to first step: {seconds:.1f} s ({caches} caches, {device}{weights}{primed})")
+    stored = ", the train step's stored program" if read_back else ""
+    print(f"command to first step: {seconds:.1f} s ({caches} caches{stored}, {device}{weights}{primed})")
     return 0
 
 

@@ -20,6 +20,7 @@ def test_a_cold_start_reports_the_commands_first_step_and_leaves_nothing_running
     (cache / "stale").mkdir(parents=True)  # --cold empties the folder
     report, stdout = start(train_root, tmp_path / "cold.json", cache, "--cold")
     assert report["cold"] and report["device"] == "cpu" and 0 < report["first_step_s"] < 300
+    assert not report["stored_step"]  # traced, then stored
     assert f"command to first step: {report['first_step_s']:.1f} s (cold caches, cpu)" in stdout
     assert not (cache / "stale").exists()
     assert list((cache / "xla" / "dpiqa_steps").glob("*.bin"))  # the stored step, for a warm start
@@ -31,10 +32,11 @@ def test_a_cold_start_reports_the_commands_first_step_and_leaves_nothing_running
     options = ("--sd-dir", str(sd), "--random-sd", "--prime")
     report, stdout = start(train_root, tmp_path / "sd.json", cache, *options)
     assert not report["cold"] and report["sd_dir"] == str(sd)
+    assert report["stored_step"]  # the cold start's: the weights' folder is not in the step's key
     seconds, primed = report["first_step_s"], report["primed_first_step_s"]
     assert 0 < seconds < 300 and 0 < primed < 300
-    assert (f"command to first step: {seconds:.1f} s (warm caches, cpu, U-Net and VAE from {sd}; after a "
-            f"first run of {primed:.1f} s)") in stdout
+    assert (f"command to first step: {seconds:.1f} s (warm caches, the train step's stored program, cpu, "
+            f"U-Net and VAE from {sd}; after a first run of {primed:.1f} s)") in stdout
     assert (sd / "unet" / "config.json").exists() and (sd / "vae" / "config.json").exists()
     # the folder's VAE, not the random one of the cold start: posteriors of its own
     assert len(list((cache / "examples" / "vae_posteriors").glob("*/identity.json"))) == 2

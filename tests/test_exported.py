@@ -49,6 +49,7 @@ def test_the_stored_step_is_the_jitted_step_from_a_cold_and_a_warm_start(tmp_pat
     monkeypatch.setattr(exported.export, "export", refuse)  # a warm start reads, never exports
     warm = exported.train_step(step, args, IDENTITY, mesh, str(tmp_path))
     assert isinstance(warm, exported.FlatStep)
+    assert not exported.read_back(cold) and exported.read_back(warm) and not exported.read_back(step)
     assert stored.stat().st_mtime > time.time() - 60  # marked used, for `dpiqa-jax caches`
     want = two_steps(step, args)
     for got in (two_steps(cold, args), two_steps(warm, args)):

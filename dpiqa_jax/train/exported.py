@@ -46,10 +46,11 @@ def default_dir() -> Optional[str]:
 
 class FlatStep:
     """`step(state, *rest) -> (state, metrics)` run as a jitted function of the state's leaves (the
-    exported program's arguments must be plain containers), the state donated."""
+    exported program's arguments must be plain containers), the state donated. `read`: the program
+    came from the folder, so this start did not trace the step."""
 
-    def __init__(self, jitted: Callable, treedef):
-        self.jitted, self.treedef = jitted, treedef
+    def __init__(self, jitted: Callable, treedef, read: bool):
+        self.jitted, self.treedef, self.read = jitted, treedef, read
 
     def __call__(self, state, *rest):
         leaves, metrics = self.jitted(jax.tree.leaves(state), *rest)
@@ -74,7 +75,8 @@ def train_step(step: Callable, args: tuple, identity: dict, mesh: Mesh, director
     shardings = jax.tree.map(lambda x: x.sharding, (jax.tree.leaves(state), *rest))
     outputs = (shardings[0], mesh_lib.replicated(mesh))
     program = _read(path + ".bin")
-    if program is None:
+    read = program is not None
+    if not read:
         def flat(leaves, *more):
             state, metrics = step(jax.tree.unflatten(treedef, leaves), *more)
             return jax.tree.leaves(state), metrics
@@ -95,7 +97,7 @@ def train_step(step: Callable, args: tuple, identity: dict, mesh: Mesh, director
         return program.call(leaves, *more)
 
     call = jax.jit(stored_step, in_shardings=shardings, out_shardings=outputs, donate_argnums=(0,))
-    return FlatStep(call, treedef)
+    return FlatStep(call, treedef, read)
 
 
 def agreed(ready, step: Callable):
@@ -106,6 +108,11 @@ def agreed(ready, step: Callable):
         return ready
     stored = multihost_utils.process_allgather(np.asarray(isinstance(ready, FlatStep)))
     return ready if stored.all() else step
+
+
+def read_back(step) -> bool:
+    """Whether `step` (what `agreed` gave) is a program read from the folder: no trace on this start."""
+    return isinstance(step, FlatStep) and step.read
 
 
 def _store(path: str, data: bytes) -> None:

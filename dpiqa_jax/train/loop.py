@@ -269,7 +269,7 @@ class _Run:
             state, step_metrics = train_step(state, next(batches), self.step_inputs)
             if step == start + 1:
                 jax.block_until_ready(step_metrics)
-                self.reporter.first_step_done()
+                self.reporter.first_step_done(exported.read_back(train_step))
             self.pending.append((step, step_metrics))
             self.reporter.step()
             stop = watch.reached(step)

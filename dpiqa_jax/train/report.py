@@ -29,12 +29,14 @@ class Reporter:
     def step(self, n: int = 1) -> None:
         self.bar.update(n)
 
-    def first_step_done(self) -> None:
+    def first_step_done(self, read_back: bool) -> None:
         """Says how long the command took to its first step (imports, data, compile): the figure
-        that the persistent compilation cache cuts on a rerun."""
+        that the persistent compilation cache cuts on a rerun, and whether the train step was read
+        back from its stored program (`exported`) rather than traced."""
         seconds = seconds_since_process_start()
         if seconds is not None:
-            self.bar.write(f"first step done {seconds:.1f} s after the command started (compile included)")
+            how = "compile included" + ("; the train step's stored program" if read_back else "")
+            self.bar.write(f"first step done {seconds:.1f} s after the command started ({how})")
 
     def images_per_second(self, step: int) -> float:
         """Throughput since the previous call (the log window), wall clock."""
