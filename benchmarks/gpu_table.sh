@@ -4,6 +4,7 @@
 # PyTorch see.
 #
 #   benchmarks/gpu_table.sh OUT [RUN ...]     RUN: teacher student uncached xla remat cold warm sd (default: all, in order)
+#                                                  or profile (asked for by name only)
 #
 #   teacher  teacher training step and inference (the config's defaults: bfloat16, fused attention,
 #            cached VAE posteriors)
@@ -18,6 +19,9 @@
 #   sd       the warm run from a local SD-1.5 folder (model.sd_dir), as a user's reruns read it: random
 #            weights of the real size, written to $SD_DIR (default /tmp/dpiqa_sd15) first if missing,
 #            and a first run from them (new weights: the VAE's posteriors made) before the timed one
+#   profile  ours alone, the training steps (or $PROFILE_JOBS), 3 more steps each under JAX's profiler:
+#            where their device time goes, in the log (speed.py --profile; the traces in
+#            $PROFILE_DIR, default /tmp/dpiqa_profile, not under OUT: they are large)
 #
 # Each run writes OUT/RUN.json and OUT/RUN.log, and stops after $LIMIT seconds (default 420) so
 # that a run that hangs leaves time for the next. $SPEED_ARGS goes to every speed.py run and
@@ -46,10 +50,14 @@ for run in "${runs[@]}"; do
     uncached) command=("${speed[@]}" --jobs teacher_train --cache-posteriors off "${speed_extra[@]}") ;;
     xla) command=("${speed[@]}" --jobs teacher_train --attention xla "${speed_extra[@]}") ;;
     remat) command=("${speed[@]}" --jobs teacher_train --remat off "${speed_extra[@]}") ;;
+    profile) read -r -a profiled <<< "${PROFILE_JOBS:-teacher_train student_distill}"
+             command=("${speed[@]}" --jobs "${profiled[@]}" --no-baseline --steps 3 --warmup 2
+                      --profile "${PROFILE_DIR:-/tmp/dpiqa_profile}" "${speed_extra[@]}") ;;
     cold) command=("${startup[@]}" --cold) ;;
     warm) command=("${startup[@]}") ;;
     sd) command=("${startup[@]}" --sd-dir "${SD_DIR:-/tmp/dpiqa_sd15}" --random-sd --prime) ;;
-    *) echo "gpu_table.sh: unknown run '$run' (teacher, student, uncached, xla, remat, cold, warm, sd)" >&2; exit 2 ;;
+    *) echo "gpu_table.sh: unknown run '$run' (teacher, student, uncached, xla, remat, cold, warm, sd, profile)" >&2
+       exit 2 ;;
   esac
   start=$SECONDS
   env PYTHONUNBUFFERED=1 timeout "${LIMIT:-420}" "${command[@]}" > "$out/$run.log" 2>&1

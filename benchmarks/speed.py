@@ -48,6 +48,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+import profile_top  # noqa: E402 -- beside this script
 
 from dpiqa_jax import teacher  # noqa: E402
 from dpiqa_jax.models.attention import IMPLEMENTATIONS  # noqa: E402
@@ -96,6 +97,9 @@ def parse_args(argv=None):
                    help="the baseline's autocast: auto = fp16 (+ GradScaler) on CUDA, off (fp32) on the CPU")
     p.add_argument("--no-baseline", action="store_true", help="ours alone (torch is not imported)")
     p.add_argument("--output", help="write the results as JSON here")
+    p.add_argument("--profile", metavar="DIR",
+                   help="after each of our jobs' timed steps, trace as many more with JAX's profiler into "
+                        "DIR/JOB and print where their device time goes (profile_top.py; DIR/JOB.md)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -236,7 +240,11 @@ def run_side(functions: dict, setup: Setup, args, jobs, run: Optional["TorchRun"
     for job in jobs:
         _release(run)
         try:
-            results[job] = functions[job](setup, args) if run is None else functions[job](setup, args, run)
+            if run is None:
+                trace_dir = Path(args.profile) / job if args.profile else None
+                results[job] = functions[job](setup, argparse.Namespace(**vars(args), trace_dir=trace_dir))
+            else:
+                results[job] = functions[job](setup, args, run)
         except Exception as e:  # e.g. out of memory: report it, measure the other jobs
             traceback.print_exc()
             results[job] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
@@ -261,7 +269,8 @@ def summary(result: dict) -> str:
 
 def measure(once: Callable, wait: Callable, args) -> tuple[float, Any]:
     """(images/s over args.steps calls of `once` after args.warmup, the last call's output). `wait`
-    blocks until an output is computed; dispatch stays asynchronous between the timed steps."""
+    blocks until an output is computed; dispatch stays asynchronous between the timed steps. Where
+    `args.trace_dir` is set (ours, with --profile), as many calls again under JAX's profiler."""
     out = None
     for _ in range(args.warmup):
         out = once()
@@ -270,7 +279,16 @@ def measure(once: Callable, wait: Callable, args) -> tuple[float, Any]:
     for _ in range(args.steps):
         out = once()
     wait(out)
-    return args.batch * args.steps / (time.perf_counter() - start), out
+    images_per_s = args.batch * args.steps / (time.perf_counter() - start)
+    if getattr(args, "trace_dir", None):
+        with jax.profiler.trace(str(args.trace_dir), create_perfetto_trace=True):
+            for _ in range(args.steps):
+                out = once()
+            wait(out)
+        where = profile_top.report(str(args.trace_dir), args.steps)
+        Path(f"{args.trace_dir}.md").write_text(where + "\n")
+        print(f"{args.trace_dir.name}, where the device time goes:\n{where}", file=sys.stderr)
+    return images_per_s, out
 
 
 def aot_compile(step, *example):

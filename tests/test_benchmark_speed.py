@@ -20,12 +20,12 @@ INFERENCE = ("teacher_infer", "student_infer")
 SCORE_TOL = 2e-5  # float32 on both sides; measured 1e-6 (teacher) and 5e-6 (student, ~60 batch norms)
 
 
-def run_benchmark(out) -> subprocess.CompletedProcess:
+def run_benchmark(out, jobs=JOBS, *options: str) -> subprocess.CompletedProcess:
     # Optimisation level 0 halves XLA's compile time on the CPU; this run checks the script, not speed.
     env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3",
                XLA_FLAGS="--xla_backend_optimization_level=0")
     command = [sys.executable, "benchmarks/speed.py", "--tiny", "--batch", "4", "--steps", "2",
-               "--warmup", "1", "--jobs", *JOBS, "--output", str(out)]
+               "--warmup", "1", "--jobs", *jobs, "--output", str(out), *options]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -64,3 +64,17 @@ def check_scores(row: dict) -> None:
     assert row["score_rel_diff"] == pytest.approx(np.linalg.norm(ours - baseline) / np.linalg.norm(baseline))
     assert row["score_rel_diff"] < SCORE_TOL
     assert np.ptp(baseline) > 0.02 * np.abs(baseline).max()
+
+
+def test_profile_says_where_the_device_time_of_the_steps_goes(tmp_path):
+    """--profile: after the timed steps, as many more traced; the device ops of those steps ranked."""
+    result = run_benchmark(tmp_path / "speed.json", ["student_infer"], "--no-baseline", "--profile",
+                           str(tmp_path / "profile"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    where = (tmp_path / "profile" / "student_infer.md").read_text()
+    assert f"student_infer, where the device time goes:\n{where}" in result.stderr
+    first, _, header, rule, *rows = where.splitlines()[:9]
+    assert first.startswith("device time ") and first.endswith(" ops (2 steps traced)"), first
+    assert float(first.split()[2]) > 0 and header.startswith("| op kind | ms per step |")
+    shares = [float(row.split(" | ")[2].rstrip("%")) for row in rows]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.1, where
