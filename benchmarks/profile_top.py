@@ -3,9 +3,11 @@
     python benchmarks/profile_top.py TRACE_DIR --steps N     # what `speed.py --profile` prints
 
 Reads the Perfetto trace that `jax.profiler.trace(..., create_perfetto_trace=True)` writes under
-TRACE_DIR. The ops are the events of the accelerator's processes (`/device:GPU:0`, a TPU's): the
-kernels, copies and collectives on its streams. On a CPU, which has no such process, they are the
-events of XLA's executor threads, less the runtime's own (names with `::`, `end: ...`). Each op's
+TRACE_DIR. The ops are the events of the accelerator's processes (`/device:GPU:0`, a TPU's): on a
+GPU the kernels, copies and collectives of its `Stream` lines; where it has none (a TPU), its `XLA
+Ops` line (not `XLA Modules`, whose events span whole steps). On a CPU, which has no such process,
+they are the events of XLA's executor threads, less the runtime's own (names with `::`,
+`end: ...`). Each op's
 name without its trailing number (`loop_add_fusion_12` -> `loop_add_fusion`) is its kind; the
 table ranks kinds and single ops by time per step (the trace's total over N).
 """
@@ -38,12 +40,16 @@ def device_ops(events: list[dict]) -> list[tuple[str, float]]:
         elif e.get("ph") == "M" and e.get("name") == "thread_name":
             threads[(e["pid"], e.get("tid"))] = e["args"]["name"]
     spans = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    line = lambda e: threads.get((e["pid"], e.get("tid")), "")
     devices = {pid for pid, name in processes.items() if name.startswith("/device:")}
     if devices:
-        return [(e["name"], float(e["dur"])) for e in spans if e["pid"] in devices]
-    return [(e["name"], float(e["dur"])) for e in spans
-            if threads.get((e["pid"], e.get("tid")), "").startswith("tf_XLA")
-            and "::" not in e["name"] and not e["name"].startswith("end: ")]
+        lines = [name for (pid, _), name in threads.items() if pid in devices]
+        kept = next((start for start in ("Stream", "XLA Ops") if any(n.startswith(start) for n in lines)), "")
+        chosen = [e for e in spans if e["pid"] in devices and line(e).startswith(kept)]
+    else:
+        chosen = [e for e in spans if line(e).startswith("tf_XLA") and "::" not in e["name"]
+                  and not e["name"].startswith("end: ")]
+    return [(e["name"], float(e["dur"])) for e in chosen]
 
 
 def ranked(ops: list[tuple[str, float]], steps: int, key=lambda name: name) -> list[dict]:

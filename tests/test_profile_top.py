@@ -25,8 +25,13 @@ HOST = [meta("process_name", 1, "/host:CPU"), meta("thread_name", 1, "python", 1
         span(1, 10, "PjitFunction(step)", 9000.0), span(1, 11, "ThunkExecutor::Execute", 8000.0),
         span(1, 11, "loop_add_fusion.3", 400.0), span(1, 11, "end: loop_add_fusion.3", 1.0)]
 GPU = [meta("process_name", 2, "/device:GPU:0"), meta("thread_name", 2, "Stream #13(Compute)", 20),
+       meta("thread_name", 2, "XLA Modules", 21), meta("thread_name", 2, "XLA Ops", 22),
        span(2, 20, "loop_add_fusion_12", 300.0), span(2, 20, "loop_add_fusion_7", 100.0),
-       span(2, 20, "sm90_xmma_gemm_bf16", 1200.0), span(2, 20, "sm90_xmma_gemm_bf16", 400.0)]
+       span(2, 20, "sm90_xmma_gemm_bf16", 1200.0), span(2, 20, "sm90_xmma_gemm_bf16", 400.0),
+       span(2, 21, "jit_step(1)", 2100.0), span(2, 22, "fusion.12", 300.0)]  # the same time, other lines
+TPU = [meta("process_name", 3, "/device:TPU:0"), meta("thread_name", 3, "XLA Modules", 30),
+       meta("thread_name", 3, "XLA Ops", 31), span(3, 30, "jit_step(1)", 900.0),
+       span(3, 31, "convolution.4", 700.0), span(3, 31, "fusion.2", 150.0)]
 
 
 def test_on_an_accelerator_only_its_ops_count():
@@ -37,6 +42,10 @@ def test_on_an_accelerator_only_its_ops_count():
     assert [r["op"] for r in rows] == ["sm90_xmma_gemm_bf16", "loop_add_fusion"]
     assert rows[0] == {"op": "sm90_xmma_gemm_bf16", "ms_per_step": 0.8, "share": 0.8, "calls_per_step": 1.0}
     assert rows[1]["ms_per_step"] == pytest.approx(0.2) and rows[1]["calls_per_step"] == 1.0
+
+
+def test_on_a_tpu_the_ops_of_its_xla_ops_line():
+    assert profile_top.device_ops(HOST + TPU) == [("convolution.4", 700.0), ("fusion.2", 150.0)]
 
 
 def test_on_a_cpu_the_ops_of_xlas_threads_without_the_runtimes_own():
