@@ -213,7 +213,7 @@ def step_identity(config: ml_collections.ConfigDict, task: Task, steps_per_epoch
     """All that the train step closes over beyond its arguments' shapes (the stored program's key in
     `exported`): its config groups, the model, what the task adds (a student's teacher) and the
     schedule's lengths. A run that differs elsewhere (another split, workdir, evaluation period,
-    seed) finds the same program."""
+    seed, weight files of the same model) finds the same program."""
     groups = {name: {key: value for key, value in config[name].to_dict().items() if key not in WEIGHT_FILES}
               for name in STEP_GROUPS if name in config}
     return {"config": groups, "model": task.model_dict, "closes_over": task.closes_over,
