@@ -11,6 +11,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from jax import export
 from test_train_step import copy, make
 from train_fakes import fake_batch
 
@@ -168,6 +169,21 @@ def test_the_processes_of_a_multi_host_run_take_the_stored_program_all_or_none(t
     for p, (out, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
         assert json.loads(out.splitlines()[-1]) == [True, True, False], out
+
+
+def test_a_step_with_custom_calls_that_export_makes_no_promise_for_is_stored(tmp_path):
+    """Such as cuDNN's attention on a GPU, under whatever names a JAX version gives them; here a
+    custom call of a made-up name (stored, never run), which export refuses by default."""
+    spec = jax.ShapeDtypeStruct((4,), np.float32)
+    kernel = jax.ffi.ffi_call("dpiqa_made_up_kernel", spec)
+    step = jax.jit(lambda state, x: ({"w": kernel(state["w"] + x)}, {"loss": x.sum()}), donate_argnums=(0,))
+    mesh = mesh_lib.make_mesh(1)
+    put = lambda a: jax.device_put(a, mesh_lib.replicated(mesh))
+    args = ({"w": put(np.zeros(4, np.float32))}, put(np.ones(4, np.float32)))
+    with pytest.raises(ValueError, match="dpiqa_made_up_kernel"):
+        export.export(step)(*args)
+    assert isinstance(exported.train_step(step, args, IDENTITY, mesh, str(tmp_path)), exported.FlatStep)
+    assert [p.suffix for p in tmp_path.iterdir()] == [".bin"]
 
 
 def test_without_a_directory_the_step_is_the_plain_one():

@@ -30,9 +30,10 @@ import dpiqa_jax
 from dpiqa_jax.train import mesh as mesh_lib
 from dpiqa_jax.train.checkpoint import atomic_write, mark_used
 
-# Custom calls that export's check refuses for want of a compatibility promise, which a program
-# read back by the same versions on the same machine does not need: cuDNN's fused attention.
-LOCAL_CUSTOM_CALLS = ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward")
+# Export refuses custom calls that lack its promise of compatibility across versions (cuDNN's fused
+# attention, Triton kernels), which a program read back only by the same versions on the same
+# devices (its key) does not need: "ALL" lets every one through, whatever a JAX version names them.
+ANY_CUSTOM_CALL = [export.DisabledSafetyCheck.custom_call("ALL")]
 
 
 FOLDER = "dpiqa_steps"
@@ -82,9 +83,9 @@ def train_step(step: Callable, args: tuple, identity: dict, mesh: Mesh, director
             return jax.tree.leaves(state), metrics
 
         flat = jax.jit(flat, in_shardings=shardings, out_shardings=outputs, donate_argnums=(0,))
-        checks = [export.DisabledSafetyCheck.custom_call(name) for name in LOCAL_CUSTOM_CALLS]
         try:
-            blob = export.export(flat, disabled_checks=checks)(jax.tree.leaves(state), *rest).serialize()
+            program = export.export(flat, disabled_checks=ANY_CUSTOM_CALL)(jax.tree.leaves(state), *rest)
+            blob = program.serialize()
         except Exception as error:  # noqa: BLE001 -- any refusal leaves the plain step, which works
             _store(path + ".refused", f"{type(error).__name__}: {error}\n".encode())
             print(f"dpiqa-jax: the train step cannot be stored as a program, so every start traces it "
