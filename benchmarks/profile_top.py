@@ -18,6 +18,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import Optional
 
 NUMBERED = re.compile(r"[._]\d+$")  # `fusion.12`, `loop_add_fusion_12`; not `bf16`
 
@@ -67,12 +68,16 @@ def kind(name: str) -> str:
     return NUMBERED.sub("", name)
 
 
-def report(folder: str, steps: int, top: int = 15) -> str:
-    """Two markdown tables, the top op kinds and the top single ops, and the device total per step."""
+def report(folder: str, steps: int, top: int = 15, wall_s: Optional[float] = None) -> str:
+    """Two markdown tables, the top op kinds and the top single ops, after the device's total per
+    step and, given the traced steps' `wall_s`, the wall time per step: a device idle for much of
+    it waits on the host (dispatch, input)."""
     with gzip.open(trace_file(folder), "rt") as f:
         ops = device_ops(json.load(f)["traceEvents"])
     total_ms = sum(dur for _, dur in ops) / 1000 / steps
-    lines = [f"device time {total_ms:.1f} ms per step in {len(ops) / steps:.0f} ops ({steps} steps traced)"]
+    wall = "" if wall_s is None else f"; wall {wall_s * 1000 / steps:.1f} ms per step under the profiler"
+    count = len(ops) / steps
+    lines = [f"device time {total_ms:.1f} ms per step in {count:.0f} ops{wall} ({steps} steps traced)"]
     for title, rows in (("op kind", ranked(ops, steps, kind)), ("op", ranked(ops, steps))):
         lines += ["", f"| {title} | ms per step | share | calls per step |", "| --- | --- | --- | --- |"]
         lines += [f"| {r['op'][:100]} | {r['ms_per_step']:.2f} | {r['share']:.1%} | {r['calls_per_step']:g} |"

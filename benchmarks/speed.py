@@ -282,10 +282,12 @@ def measure(once: Callable, wait: Callable, args) -> tuple[float, Any]:
     images_per_s = args.batch * args.steps / (time.perf_counter() - start)
     if getattr(args, "trace_dir", None):
         with jax.profiler.trace(str(args.trace_dir), create_perfetto_trace=True):
+            start = time.perf_counter()
             for _ in range(args.steps):
                 out = once()
             wait(out)
-        where = profile_top.report(str(args.trace_dir), args.steps)
+            wall_s = time.perf_counter() - start
+        where = profile_top.report(str(args.trace_dir), args.steps, wall_s=wall_s)
         Path(f"{args.trace_dir}.md").write_text(where + "\n")
         print(f"{args.trace_dir.name}, where the device time goes:\n{where}", file=sys.stderr)
     return images_per_s, out

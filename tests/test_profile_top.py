@@ -61,6 +61,8 @@ def test_the_report_reads_the_newest_trace_under_the_folder(tmp_path):
         json.dump({"traceEvents": HOST + GPU}, f)
     text = profile_top.report(str(tmp_path), steps=2, top=1)
     assert text.splitlines()[0] == "device time 1.0 ms per step in 2 ops (2 steps traced)"
+    assert profile_top.report(str(tmp_path), steps=2, wall_s=0.003).splitlines()[0] == (
+        "device time 1.0 ms per step in 2 ops; wall 1.5 ms per step under the profiler (2 steps traced)")
     assert "| sm90_xmma_gemm_bf16 | 0.80 | 80.0% | 1 |" in text
     assert "loop_add_fusion" not in text  # one row per table
     with pytest.raises(FileNotFoundError, match="no perfetto_trace.json.gz"):
