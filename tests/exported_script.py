@@ -1,13 +1,18 @@
 """Run by test_exported.py as each of 2 jax.distributed processes (one CPU device each): the stored
 train step on a mesh across processes, from folders of each process's own (a host's local cache).
-Prints JSON: per start, whether the step that runs is the stored program."""
+Takes FOLDER and the CLI's --coordinator, --num-processes and --process-id (`train_helpers.
+start_processes`). Prints JSON: per start, whether the step that runs is the stored program."""
+import argparse
 import json
-import sys
 
 import jax
 
-PORT, PROCESS, FOLDER = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-jax.distributed.initialize(f"localhost:{PORT}", num_processes=2, process_id=PROCESS)
+parser = argparse.ArgumentParser()
+for flag in ("folder", "--coordinator", "--num-processes", "--process-id"):
+    parser.add_argument(flag)
+options = parser.parse_args()
+PROCESS, FOLDER = int(options.process_id), options.folder
+jax.distributed.initialize(options.coordinator, num_processes=int(options.num_processes), process_id=PROCESS)
 
 from test_exported import IDENTITY, refuse, setup, two_steps  # noqa: E402 -- after initialize
 

@@ -4,7 +4,6 @@ going on where the program cannot be written, and the processes of a multi-host 
 import errno
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -155,19 +154,10 @@ def test_the_processes_of_a_multi_host_run_take_the_stored_program_all_or_none(t
     """Two jax.distributed processes, a mesh across both, each with a folder of its own: a cold start
     (both export) and a warm one (both read) run the stored program, with the plain step's results;
     where one process has a refusal and the other the program, both run the plain step."""
-    from train_helpers import REPO, environment, free_port
+    from train_helpers import environment, finish, start_processes
 
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, "exported_script.py", str(port), str(i), str(tmp_path)],
-                              env=environment(tmp_path), cwd=REPO / "tests", stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
-    try:
-        outputs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, (out, err) in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, err[-3000:]
+    script = [sys.executable, "tests/exported_script.py", str(tmp_path)]
+    for out, _ in finish(start_processes(script, environment(tmp_path)), timeout=300):
         assert json.loads(out.splitlines()[-1]) == [True, True, False], out
 
 
