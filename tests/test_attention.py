@@ -1,15 +1,15 @@
 """The attention kernels: which one each setting picks, and the fast ones computing what XLA's does.
 
 The Pallas TPU kernel runs here in Pallas' TPU interpret mode (the same kernel, emulated on the
-CPU); cuDNN's needs an NVIDIA GPU and is checked by the speed benchmark there (issue 7).
-"""
+CPU); cuDNN's is only traced here (what JAX builds for it) and needs an NVIDIA GPU to run:
+benchmarks/kernels.py checks it against XLA's there (issue 7)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from dpiqa_jax.models.attention import TPU_BLOCK, attend, choose
+from dpiqa_jax.models.attention import TPU_BLOCK, attend, choose, cudnn_attention
 from dpiqa_jax.models.unet import UNetConfig, UNetFeatures
 
 TOL = 1e-5
@@ -114,3 +114,64 @@ def test_the_unet_on_the_tpu_flash_kernel_matches_xla():
     assert used and not unused
     errors = [_rel(a, b) for a, b in zip(flash, plain, strict=True)]
     assert max(errors) < TOL, errors
+
+
+@pytest.fixture
+def traced_cudnn(monkeypatch):
+    """JAX traces cuDNN's kernel here as on a GPU with cuDNN 9.10 (nothing is compiled or run)."""
+    from jax._src.cudnn import fused_attention_stablehlo
+
+    monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda *_: 91000)
+
+
+def test_cudnn_trains_on_an_odd_number_of_keys(traced_cudnn):
+    """JAX's cuDNN training path turns down 1485 prompts (an odd number of keys): they get one zero key
+    more, masked out by the keys' length, instead of a fall back to XLA's kernel in the train step."""
+    q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(2, 16, 7, heads=2, dim=8, kv_batch=1))
+    loss = lambda *a: jnp.sum(attend(*a, "cudnn").astype(jnp.float32))  # noqa: E731
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v))
+    assert "dot_product_attention_bwd_wrapper" in jaxpr and "mask_type=MaskType.PADDING" in jaxpr
+
+
+def test_the_padded_keys_leave_the_attention_as_it_was(monkeypatch):
+    """What the cuDNN call computes, run by XLA's kernel, which takes the same arguments (cuDNN's own
+    numbers need a GPU: benchmarks/kernels.py): the padded key changes neither the output nor the
+    gradients. Left in the softmax it would."""
+    real = jax.nn.dot_product_attention
+    keys = []
+
+    def as_xla(q, k, v, **options):
+        keys.append(k.shape[1])
+        return real(q, k, v, **options | {"implementation": "xla"})
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", as_xla)
+    q, k, v = _qkv(2, 16, 7, heads=2, dim=8, kv_batch=1)
+    cotangent = jax.random.normal(jax.random.PRNGKey(3), q.shape)
+    padded = jax.vjp(cudnn_attention, q, k, v)
+    plain = jax.vjp(lambda *a: real(*a, implementation="xla"), q, k, v)
+    assert keys == [8]
+    assert _rel(padded[0], plain[0]) < TOL
+    for name, a, b in zip("qkv", padded[1](cotangent), plain[1](cotangent), strict=True):
+        assert _rel(a, b) < TOL, name
+
+
+@pytest.mark.parametrize("kernel, forward", [("cudnn", "dot_product_attention_fwd_wrapper["),
+                                             ("tpu_flash", "pallas_call[")])
+def test_remat_matmuls_keeps_the_fused_kernels_outputs(kernel, forward, traced_cudnn):
+    """`model.remat=matmuls` keeps what a fused kernel's backward pass reads (its output and softmax
+    statistics), so its forward pass runs once per attention in a train step, as without remat;
+    `full` runs it again."""
+    config = UNetConfig(block_out_channels=(32, 64), norm_num_groups=8, attention_head_dim=1,
+                        cross_attention_dim=16, layers_per_block=1,
+                        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    latents, context = jnp.zeros((1, 16, 16, 4)), jnp.zeros((1, 7, 16))
+
+    def forward_kernels(remat):
+        model = UNetFeatures(config, dtype=jnp.bfloat16, remat=remat, attention=kernel)
+        params = jax.eval_shape(model.init, jax.random.PRNGKey(0), latents, 1, context)
+        loss = lambda p: sum(jnp.sum(x.astype(jnp.float32)) for x in model.apply(p, latents, 1, context))  # noqa: E731
+        return str(jax.make_jaxpr(jax.grad(loss))(params)).count(forward)
+
+    off, matmuls, full = map(forward_kernels, ("off", "matmuls", "full"))
+    assert off > 0 and matmuls == off and full > off, (off, matmuls, full)

@@ -24,6 +24,9 @@ Dtype = Any
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "tpu_flash")
 TPU_BLOCK = 128  # the Pallas kernel's query and key block: queries must fill whole blocks
 HALF = (jnp.float16, jnp.bfloat16)
+# What a remat policy (unet.REMAT) sees of the fused kernels' forward pass: cuDNN's kernel itself,
+# and the custom VJP around Pallas' (the U-Net's layers have no other custom VJP).
+FUSED_FORWARD = ("dot_product_attention_fwd_wrapper", "custom_vjp_call")
 
 
 def choose(implementation: str, platform: str, dtype, query_length: int) -> str:
@@ -43,12 +46,26 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "auto
     kernel = choose(implementation, jax.default_backend(), q.dtype, q.shape[1])
     if kernel == "tpu_flash":
         return tpu_flash_attention(q, k, v)
-    if kernel == "cudnn" and implementation == "auto":
+    if kernel == "cudnn":
         try:  # cuDNN checks shapes, head sizes and its version when traced
-            return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+            return cudnn_attention(q, k, v)
         except (RuntimeError, NotImplementedError, ValueError):
-            kernel = "xla"
-    return jax.nn.dot_product_attention(q, k, v, implementation=None if kernel == "xla" else kernel)
+            if implementation != "auto":
+                raise
+    return jax.nn.dot_product_attention(q, k, v, implementation="xla")  # None may mean cuDNN one day
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """cuDNN's fused kernel on (B, T, H, D) inputs. Its training path in JAX turns down an odd number
+    of keys (SD-1.5's 1485 prompts), which would leave every cross-attention of the train step on
+    XLA's kernel: those keys get one more, a zero one that the keys' length masks out."""
+    keys = k.shape[1]
+    if keys % 2 == 0:
+        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0)))
+    lengths = jnp.full((q.shape[0],), keys, jnp.int32)
+    return jax.nn.dot_product_attention(q, pad(k), pad(v), key_value_seq_lengths=lengths,
+                                        implementation="cudnn")
 
 
 def tpu_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dpiqa_jax.models.attention import Attention
+from dpiqa_jax.models.attention import FUSED_FORWARD, Attention
 from dpiqa_jax.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm, layer_norm
 
 Dtype = Any
@@ -200,9 +200,11 @@ class Transformer2D(nn.Module):
 
 
 def _saves_matmul_outputs(primitive, *_, **params) -> bool:
-    """A checkpoint policy: keep the outputs of convolutions and of matrix products without batch
-    dimensions (the dense layers); recompute the rest from them."""
-    return (primitive.name == "conv_general_dilated"
+    """A checkpoint policy: keep the outputs of convolutions, of matrix products without batch
+    dimensions (the dense layers) and of the fused attention kernels' forward pass (their output and
+    softmax statistics, which their backward pass reads: else the kernel runs again); recompute the
+    rest from them."""
+    return (primitive.name in ("conv_general_dilated", *FUSED_FORWARD)
             or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(primitive, **params))
 
 
@@ -214,8 +216,9 @@ def _remat(policy=None) -> tuple:
 # at SD-1.5's size in bfloat16 (the jaxpr's saved residuals, benchmarks/memory.py):
 #   'off'      every intermediate: 7.7 GiB with XLA's attention, 5.8 of them its probabilities
 #              (about 1.9 without them, as with a fused kernel);
-#   'matmuls'  the outputs of the convolutions and dense layers only (0.54 GiB): norms,
-#              activations, casts and XLA's attention probabilities run again in the backward pass;
+#   'matmuls'  the outputs of the convolutions, dense layers and fused attention kernels only
+#              (0.54 GiB): norms, activations, casts and XLA's attention probabilities run again
+#              in the backward pass;
 #   'full'     each layer's inputs only (0.17 GiB): the whole layer runs again.
 _LAYERS = {"off": (ResnetBlock2D, Transformer2D), "matmuls": _remat(_saves_matmul_outputs), "full": _remat()}
 REMAT = tuple(_LAYERS)
