@@ -3,12 +3,12 @@
 # PyTorch baseline in the same process) and three `startup.py` runs, on whatever device JAX and
 # PyTorch see.
 #
-#   benchmarks/gpu_table.sh OUT [RUN ...]     RUN: kernels teacher student uncached xla remat cold warm sd
+#   benchmarks/gpu_table.sh OUT [RUN ...]     RUN: attention teacher student uncached xla remat cold warm sd
 #                                                  (default: all, in order) or profile (by name only)
 #
-#   kernels  the attention kernels alone on the U-Net's shapes (benchmarks/kernels.py): the fused one
-#            checked against XLA's, forward and backward, and both timed; first, as it is quick and a
-#            fused kernel that fails or errs there would spoil the runs after it
+#   attention the attention kernels alone on the U-Net's shapes (benchmarks/attention_kernels.py):
+#            the fused one checked against XLA's, forward and backward, and both timed; first, as it
+#            is quick and a fused kernel that fails or errs there would spoil the runs after it
 #   teacher  teacher training step and inference (the config's defaults: bfloat16, fused attention,
 #            cached VAE posteriors)
 #   student  U-Net alone, student distillation step and student inference
@@ -28,20 +28,20 @@
 #
 # Each run writes OUT/RUN.json and OUT/RUN.log, and stops after $LIMIT seconds (default 420) so
 # that a run that hangs leaves time for the next. $SPEED_ARGS goes to every speed.py run,
-# $STARTUP_ARGS to every startup.py run and $KERNELS_ARGS to kernels.py, e.g. the CPU check:
+# $STARTUP_ARGS to every startup.py run and $ATTENTION_ARGS to attention_kernels.py, e.g. the CPU check:
 #   SPEED_ARGS="--tiny --batch 4 --steps 2 --warmup 1" STARTUP_ARGS="--config configs/demo.py:smoke" \
-#     KERNELS_ARGS="--size 64 --batch 2" benchmarks/gpu_table.sh /tmp/table kernels teacher cold warm
+#     ATTENTION_ARGS="--size 64 --batch 2" benchmarks/gpu_table.sh /tmp/table attention teacher cold warm
 set -uo pipefail
-out=${1:?usage: benchmarks/gpu_table.sh OUT [kernels teacher student uncached xla remat cold warm sd]}
+out=${1:?usage: benchmarks/gpu_table.sh OUT [attention teacher student uncached xla remat cold warm sd]}
 shift
 runs=("$@")
-[ ${#runs[@]} -gt 0 ] || runs=(kernels teacher student uncached xla remat cold warm sd)
+[ ${#runs[@]} -gt 0 ] || runs=(attention teacher student uncached xla remat cold warm sd)
 here=$(dirname "$0")
 repo=$(cd "$here/.." && pwd)
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"  # dpiqa_jax from this checkout, installed or not
 read -r -a speed_extra <<< "${SPEED_ARGS:-}"
 read -r -a startup_extra <<< "${STARTUP_ARGS:-}"
-read -r -a kernels_extra <<< "${KERNELS_ARGS:-}"
+read -r -a attention_extra <<< "${ATTENTION_ARGS:-}"
 mkdir -p "$out"
 status=0
 for run in "${runs[@]}"; do
@@ -49,7 +49,7 @@ for run in "${runs[@]}"; do
   startup=(python3 "$here/startup.py" "$out/$run.json" --cache "$out/start_cache" --limit $((${LIMIT:-420} - 20))
            "${startup_extra[@]}")
   case $run in
-    kernels) command=(python3 "$here/kernels.py" --output "$out/$run.json" "${kernels_extra[@]}") ;;
+    attention) command=(python3 "$here/attention_kernels.py" --output "$out/$run.json" "${attention_extra[@]}") ;;
     teacher) command=("${speed[@]}" --jobs teacher_train teacher_infer "${speed_extra[@]}") ;;
     student) command=("${speed[@]}" --jobs unet student_distill student_infer "${speed_extra[@]}") ;;
     uncached) command=("${speed[@]}" --jobs teacher_train --cache-posteriors off "${speed_extra[@]}") ;;
@@ -61,14 +61,14 @@ for run in "${runs[@]}"; do
     cold) command=("${startup[@]}" --cold) ;;
     warm) command=("${startup[@]}") ;;
     sd) command=("${startup[@]}" --sd-dir "${SD_DIR:-/tmp/dpiqa_sd15}" --random-sd --prime) ;;
-    *) echo "gpu_table.sh: unknown run '$run' (kernels, teacher, student, uncached, xla, remat, cold, warm, sd, profile)" >&2
+    *) echo "gpu_table.sh: unknown run '$run' (attention, teacher, student, uncached, xla, remat, cold, warm, sd, profile)" >&2
        exit 2 ;;
   esac
   start=$SECONDS
   env PYTHONUNBUFFERED=1 timeout "${LIMIT:-420}" "${command[@]}" > "$out/$run.log" 2>&1
   code=$?
   echo "== $run: exit $code after $((SECONDS - start)) s (log: $out/$run.log)"
-  tail -n "$([ "$run" = kernels ] && echo 30 || echo 12)" "$out/$run.log"  # kernels: its whole table
+  tail -n "$([ "$run" = attention ] && echo 30 || echo 12)" "$out/$run.log"  # attention: its whole table
   [ $code -eq 0 ] || status=1
 done
 exit $status

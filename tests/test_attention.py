@@ -2,7 +2,7 @@
 
 The Pallas TPU kernel runs here in Pallas' TPU interpret mode (the same kernel, emulated on the
 CPU); cuDNN's is only traced here (what JAX builds for it) and needs an NVIDIA GPU to run:
-benchmarks/kernels.py checks it against XLA's there (issue 7)."""
+benchmarks/attention_kernels.py checks it against XLA's there (issue 7)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -135,7 +135,7 @@ def test_cudnn_trains_on_an_odd_number_of_keys(traced_cudnn):
 
 def test_the_padded_keys_leave_the_attention_as_it_was(monkeypatch):
     """What the cuDNN call computes, run by XLA's kernel, which takes the same arguments (cuDNN's own
-    numbers need a GPU: benchmarks/kernels.py): the padded key changes neither the output nor the
+    numbers need a GPU: benchmarks/attention_kernels.py): the padded key changes neither the output nor the
     gradients. Left in the softmax it would."""
     real = jax.nn.dot_product_attention
     keys = []

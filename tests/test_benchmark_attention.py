@@ -1,6 +1,6 @@
-"""benchmarks/kernels.py: the attention kernels on the U-Net's shapes, each checked against XLA's in
-float32 and timed. Here with the Pallas TPU kernel in interpret mode as the fused one (cuDNN's needs
-an NVIDIA GPU), on small shapes."""
+"""benchmarks/attention_kernels.py: the attention kernels on the U-Net's shapes, each checked against
+XLA's in float32 and timed. Here with the Pallas TPU kernel in interpret mode as the fused one
+(cuDNN's needs an NVIDIA GPU), on small shapes."""
 import json
 import sys
 
@@ -11,7 +11,7 @@ from train_helpers import REPO
 from dpiqa_jax.models import attention
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-import kernels  # noqa: E402
+import attention_kernels as bench  # noqa: E402
 
 # 128 px: 16 x 16 latents, whose 256 queries fill the Pallas kernel's blocks; the deeper levels' do not.
 RUN = ["--size", "128", "--batch", "1", "--prompts", "77", "--kernels", "xla", "tpu_flash",
@@ -19,7 +19,7 @@ RUN = ["--size", "128", "--batch", "1", "--prompts", "77", "--kernels", "xla", "
 
 
 def test_sd15_shapes_are_its_sixteen_transformers():
-    shapes = {s.name: s for s in kernels.unet_shapes(512, 1485)}
+    shapes = {s.name: s for s in bench.unet_shapes(512, 1485)}
     assert sum(s.per_pass for s in shapes.values() if s.name.endswith("self")) == 16
     assert [(s.queries, s.heads, s.dim, s.per_pass) for s in shapes.values() if s.name.endswith("cross")] == [
         (4096, 8, 40, 5), (1024, 8, 80, 5), (256, 8, 160, 5), (64, 8, 160, 1)]
@@ -29,8 +29,8 @@ def test_sd15_shapes_are_its_sixteen_transformers():
 
 def run(tmp_path, capsys) -> tuple[int, dict, str]:
     with pltpu.force_tpu_interpret_mode():
-        code = kernels.main(RUN + ["--output", str(tmp_path / "kernels.json")])
-    return code, json.loads((tmp_path / "kernels.json").read_text()), capsys.readouterr().out
+        code = bench.main(RUN + ["--output", str(tmp_path / "attention.json")])
+    return code, json.loads((tmp_path / "attention.json").read_text()), capsys.readouterr().out
 
 
 def test_each_kernel_is_checked_and_timed_on_each_shape(tmp_path, capsys):
@@ -41,7 +41,7 @@ def test_each_kernel_is_checked_and_timed_on_each_shape(tmp_path, capsys):
     assert flash == ["16x16 9 keys (mask check)", "16x16 cross", "16x16 self"]  # whole blocks only
     assert len(rows) == 9 + 3
     for r in rows.values():
-        assert r["ok"] and r["ms"] > 0 and 0 < r["error"] < kernels.TOL, r
+        assert r["ok"] and r["ms"] > 0 and 0 < r["error"] < bench.TOL, r
     assert "| 16x16 cross | tpu_flash |" in table
     # The model's pass: Pallas' kernel on the first level, XLA's on the others.
     per_pass = lambda kernel, shape: rows[(shape, kernel)]["ms"] * rows[(shape, kernel)]["per_pass"]  # noqa: E731

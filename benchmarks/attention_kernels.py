@@ -1,8 +1,8 @@
 """The attention kernels on the U-Net's shapes: each fused kernel's output and gradients against
 XLA's, and the time of each, on whatever device JAX sees.
 
-    python benchmarks/kernels.py                           # SD-1.5 at 512 px, batch 16
-    python benchmarks/kernels.py --size 64 --batch 2       # a quick check (on a CPU: XLA's kernel only)
+    python benchmarks/attention_kernels.py                       # SD-1.5 at 512 px, batch 16
+    python benchmarks/attention_kernels.py --size 64 --batch 2   # quick (on a CPU: XLA's kernel only)
 
 The kernels are the model's (`attend`, dpiqa_jax/models/attention.py): XLA's, and the device's fused
 one (cuDNN on a GPU, Pallas on a TPU; `--kernels` to choose). The rows are the U-Net's attentions
