@@ -2,10 +2,11 @@
 
 Found anywhere under the folders given (a `cache_dir`, a workdir, a folder of runs, the
 compilation cache): the per-image caches `KIND/KEY/` (`example_cache`), their builds left by
-killed runs (`KEY.tmp-HOST-PID/`), the stored train steps `dpiqa_steps/KEY.bin` (`exported`),
-JAX's compiled programs (`NAME-SHA256-cache`) and XLA's GPU autotuning results (one folder). An
-entry's last use: runs mark ours each time they use one; JAX's and XLA's have the file system's
-access time, where it keeps one. Nothing else under the folders is ever removed.
+killed runs (`KEY.tmp-HOST-PID/`), the stored train steps `dpiqa_steps/KEY.bin` (`exported`) and
+their writes cut short (`KEY.bin.tmp-HOST-PID`), JAX's compiled programs (`NAME-SHA256-cache`)
+and XLA's GPU autotuning results (one folder). An entry's last use: runs mark ours each time they
+use one; JAX's and XLA's have the file system's access time, where it keeps one. Nothing else
+under the folders is ever removed.
 """
 import contextlib
 import dataclasses
@@ -22,6 +23,8 @@ from dpiqa_jax.train import example_cache, exported
 
 _XLA = re.compile(r"^(?P<name>.+)-[0-9a-f]{64}-cache$")  # JAX's persistent cache entries
 _XLA_ATIME = "-atime"  # the companion file of a JAX entry, where JAX's eviction is on
+# A stored train step's file while `checkpoint.atomic_write` writes it, or after a kill midway.
+_STEP_WRITE = re.compile(r"^[0-9a-f]+\.(bin|refused)\.tmp-(?P<host>.+)-(?P<pid>\d+)$")
 # Where XLA keeps the GPU kernels' autotuning results (one small file per fusion) when JAX's cache is on.
 _AUTOTUNE = "xla_gpu_per_fusion_autotune_cache_dir"
 
@@ -82,9 +85,13 @@ def _entry(describe, path: str) -> Optional[Entry]:
 
 def _file_entry(path: str) -> Optional[Entry]:
     name, stat = os.path.basename(path), os.stat(path)
-    if os.path.basename(os.path.dirname(path)) == exported.FOLDER and name.endswith((".bin", ".refused")):
-        what = "train step program" if name.endswith(".bin") else "train step that cannot be stored"
-        return Entry(path, what, stat.st_size, stat.st_mtime)
+    if os.path.basename(os.path.dirname(path)) == exported.FOLDER:
+        write = _STEP_WRITE.match(name)
+        if write:
+            return _unfinished(path, write["host"], int(write["pid"]), "train step program")
+        if name.endswith((".bin", ".refused")):
+            what = "train step program" if name.endswith(".bin") else "train step that cannot be stored"
+            return Entry(path, what, stat.st_size, stat.st_mtime)
     match = _XLA.match(name)
     if match:  # JAX reads its entries without marking them
         last_used = max(stat.st_atime, stat.st_mtime)
@@ -95,7 +102,7 @@ def _file_entry(path: str) -> Optional[Entry]:
 def _folder_entry(path: str) -> Optional[Entry]:
     build = example_cache.build_owner(os.path.basename(path))
     if build:
-        return _unfinished(path, *build[1:])
+        return _unfinished(path, *build[1:], "cache")
     if os.path.basename(path) == _AUTOTUNE:  # XLA reads its files without marking them
         stats = _files(path)
         last_used = max((max(stat.st_atime, stat.st_mtime) for stat in stats), default=os.stat(path).st_mtime)
@@ -122,13 +129,14 @@ def _example_cache(path: str) -> Entry:
     return Entry(path, what, _size(_files(path)), last_used)
 
 
-def _unfinished(path: str, host: str, pid: int) -> Entry:
+def _unfinished(path: str, host: str, pid: int, what: str) -> Entry:
+    """A build folder or a file being written (`path`) by process `pid` on `host`."""
     here = host == socket.gethostname()
     running = here and example_cache.alive(pid)
     state = "running" if running else "its process gone" if here else "on another host"
-    stats = _files(path)
+    stats = _files(path) if os.path.isdir(path) else [os.stat(path)]
     last_write = max([os.stat(path).st_mtime] + [stat.st_mtime for stat in stats])
-    return Entry(path, f"unfinished cache (process {pid} on {host}, {state})", _size(stats), last_write,
+    return Entry(path, f"unfinished {what} (process {pid} on {host}, {state})", _size(stats), last_write,
                  running)
 
 

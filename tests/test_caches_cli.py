@@ -22,7 +22,8 @@ NOW = time.time()
 SHA = "0123456789abcdef" * 4
 MIB = 2**20
 DEAD_PID = 4_000_000  # above Linux's largest pid: never a live process
-OLD = ("old posteriors", "dead build", "old program", "refused", "old compiled", "autotuning")
+HOST = socket.gethostname()
+OLD = ("old posteriors", "dead build", "old program", "refused", "dead write", "old compiled", "autotuning")
 NEW = ("new posteriors", "new program", "new compiled")
 
 
@@ -80,6 +81,9 @@ def caches(tmp_path):
         "old program": file(xla / "dpiqa_steps" / f"{SHA}.bin", 40, 3 * MIB),
         "new program": file(xla / "dpiqa_steps" / f"{SHA[::-1]}.bin", 1),
         "refused": file(xla / "dpiqa_steps" / f"{SHA}.refused", 35, 100),
+        # A program's write killed midway (checkpoint.atomic_write's temporary), and one under way.
+        "dead write": file(xla / "dpiqa_steps" / f"{SHA}.bin.tmp-{HOST}-{DEAD_PID}", 33),
+        "running write": file(xla / "dpiqa_steps" / f"{SHA}.bin.tmp-{HOST}-{os.getpid()}", 33),
         "old compiled": file(xla / f"jit_train_step-{SHA}-cache", 31),
         "autotuning": autotuning(xla),
         "new compiled": file(xla / f"jit_init-{SHA}-cache", 0.5),
@@ -102,8 +106,8 @@ def test_every_kind_of_entry_is_listed_oldest_use_first_with_what_made_it(caches
     rows = [list(re.fullmatch(r"(\S+ \S+) +(\S+ \S+)  (\S+)  (.+)", line).groups()) for line in lines[:-1]]
     paths = [row[2] for row in rows]
     assert sorted(paths) == sorted(caches.values())  # every entry once, nothing else
-    assert set(paths[:7]) == {caches[name] for name in OLD + ("running build",)}
-    assert paths[7:] == [caches[name] for name in NEW]
+    assert set(paths[:9]) == {caches[name] for name in OLD + ("running build", "running write")}
+    assert paths[9:] == [caches[name] for name in NEW]
     row = {name: rows[paths.index(path)] for name, path in caches.items()}
     assert row["new program"][:2] == [datetime.datetime.fromtimestamp(NOW - DAY).strftime("%Y-%m-%d %H:%M"),
                                       "1.0 MiB"]
@@ -116,11 +120,15 @@ def test_every_kind_of_entry_is_listed_oldest_use_first_with_what_made_it(caches
     host = socket.gethostname()
     assert row["dead build"][3] == f"unfinished cache (process {DEAD_PID} on {host}, its process gone)"
     assert row["running build"][3].endswith(", running)")
+    assert row["dead write"][1:] == ["1.0 MiB", caches["dead write"],
+                                     f"unfinished train step program (process {DEAD_PID} on {host}, "
+                                     "its process gone)"]
+    assert row["running write"][3].endswith(", running)")
     sizes = {entry.path: entry.size for entry in cache_files.find(str(tmp_path))}
     npy = [os.path.join(caches["old posteriors"], f"{name}.npy") for name in SHAPES]
     assert sizes[caches["old posteriors"]] == sum(map(os.path.getsize, npy)) + os.path.getsize(
         os.path.join(caches["old posteriors"], example_cache.IDENTITY))
-    assert lines[-1] == f"10 entries, {sum(sizes.values()) / MIB:.1f} MiB"
+    assert lines[-1] == f"12 entries, {sum(sizes.values()) / MIB:.1f} MiB"
 
 
 def test_unused_for_removes_the_entries_unused_that_long_and_nothing_else(caches, tmp_path, capsys):
@@ -129,14 +137,14 @@ def test_unused_for_removes_the_entries_unused_that_long_and_nothing_else(caches
     assert code == 0
     removed = [line.split()[1] for line in lines[:-1]]
     assert sorted(removed) == sorted(caches[name] for name in OLD)
-    assert lines[-1] == "removed 6 entries (5.0 MiB); kept 4 (3.0 MiB)"
+    assert lines[-1] == "removed 7 entries (6.0 MiB); kept 5 (4.0 MiB)"
     after = {path for path in map(str, tmp_path.rglob("*"))}
     gone = {path for path in before - after if not any(path.startswith(caches[name] + "/") for name in OLD)}
     assert gone == {caches[name] for name in OLD} | {str(tmp_path / "xla" / f"jit_train_step-{SHA}-atime")}
     assert not [name for name in os.listdir(tmp_path / "shared" / "vae_posteriors") if ".tmp-" in name
                 and name != os.path.basename(caches["running build"])]  # no folder left by the removal
     code, lines = cli(capsys, tmp_path / "shared", tmp_path / "xla")
-    assert lines[-1].startswith("4 entries")
+    assert lines[-1].startswith("5 entries")
 
 
 def test_a_run_marks_the_per_image_cache_it_uses(tmp_path):
