@@ -3,14 +3,22 @@
 The Pallas TPU kernel runs here in Pallas' TPU interpret mode (the same kernel, emulated on the
 CPU); cuDNN's is only traced here (what JAX builds for it) and needs an NVIDIA GPU to run:
 benchmarks/attention_kernels.py checks it against XLA's there (issue 7)."""
+import collections
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
+from train_helpers import REPO
 
 from dpiqa_jax.models.attention import TPU_BLOCK, attend, choose, cudnn_attention
 from dpiqa_jax.models.unet import UNetConfig, UNetFeatures
+from dpiqa_jax.train import exported, loop, schedule
+from dpiqa_jax.train import mesh as mesh_lib
+from dpiqa_jax.train import state as state_lib
+from dpiqa_jax.train.config_util import load_config
 
 TOL = 1e-5
 
@@ -175,3 +183,27 @@ def test_remat_matmuls_keeps_the_fused_kernels_outputs(kernel, forward, traced_c
 
     off, matmuls, full = map(forward_kernels, ("off", "matmuls", "full"))
     assert off > 0 and matmuls == off and full > off, (off, matmuls, full)
+
+
+def test_the_trainers_step_lowers_for_cuda_with_cudnn_once_in_every_attention(traced_cudnn):
+    """The trainer's teacher step (the demo's U-Net at 128 px: every level's queries even; 63 prompts,
+    bfloat16, `remat=matmuls`, cached posteriors), exported for CUDA from this CPU as JAX lowers it on
+    a GPU (XLA's compile of it needs one): each of the 10 transformers' two attentions is one cuDNN
+    forward kernel and one backward kernel, none left to XLA nor run twice."""
+    config = load_config(str(REPO / "configs" / "demo.py"))
+    config.model.update(attention="cudnn", dtype="bfloat16", remat="matmuls", num_prompts=63,
+                        cache_posteriors=True)
+    config.model.arch.latent_size = 16
+    task = loop.teacher_task(config)
+    tx = schedule.optimizer(config.optim, schedule.learning_rate(config.optim, 9, 9))
+    mesh = mesh_lib.make_mesh(1)
+    state, shardings = state_lib.layout(task.param_shapes, tx, mesh)
+    train_step, _, embeddings = task.compile_steps(tx, mesh, shardings)
+    n, side = 2, task.image_size
+    shapes = {"image": ((side, side, 3), jnp.float32), "target": ((), jnp.float32), "index": ((), jnp.int32),
+              **{key: (shape, jnp.float32) for key, shape in task.joined.items()}}
+    batch = {key: jax.ShapeDtypeStruct((n, *shape), dtype) for key, (shape, dtype) in shapes.items()}
+    lowered = jax.export.export(train_step, platforms=["cuda"], disabled_checks=exported.ANY_CUSTOM_CALL)(
+        state, batch, embeddings)
+    kernels = collections.Counter(re.findall(r"custom_call @([\w$]+)", lowered.mlir_module()))
+    assert kernels == {"__cudnn$fmhaSoftmax": 20, "__cudnn$fmhaSoftmaxBackward": 20}
