@@ -19,6 +19,7 @@ from dpiqa_jax.train import exported, loop, schedule
 from dpiqa_jax.train import mesh as mesh_lib
 from dpiqa_jax.train import state as state_lib
 from dpiqa_jax.train.config_util import load_config
+from dpiqa_jax.train.inputs import train_fields
 
 TOL = 1e-5
 
@@ -199,10 +200,8 @@ def test_the_trainers_step_lowers_for_cuda_with_cudnn_once_in_every_attention(tr
     mesh = mesh_lib.make_mesh(1)
     state, shardings = state_lib.layout(task.param_shapes, tx, mesh)
     train_step, _, embeddings = task.compile_steps(tx, mesh, shardings)
-    n, side = 2, task.image_size
-    shapes = {"image": ((side, side, 3), jnp.float32), "target": ((), jnp.float32), "index": ((), jnp.int32),
-              **{key: (shape, jnp.float32) for key, shape in task.joined.items()}}
-    batch = {key: jax.ShapeDtypeStruct((n, *shape), dtype) for key, (shape, dtype) in shapes.items()}
+    batch = {key: jax.ShapeDtypeStruct((2, *shape), dtype)
+             for key, (shape, dtype) in train_fields(task.image_size, task.joined).items()}
     lowered = jax.export.export(train_step, platforms=["cuda"], disabled_checks=exported.ANY_CUSTOM_CALL)(
         state, batch, embeddings)
     kernels = collections.Counter(re.findall(r"custom_call @([\w$]+)", lowered.mlir_module()))

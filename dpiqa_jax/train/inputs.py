@@ -12,6 +12,15 @@ from dpiqa_jax.data.splits import resolve
 from dpiqa_jax.train import mesh as mesh_lib
 
 
+def train_fields(image_size: int, joined: dict[str, tuple]) -> dict[str, tuple]:
+    """One train example as the train step takes it, name -> (shape, dtype): the image (scaled to
+    [0, 1] on the devices), its target and index, and the float32 fields `joined` (name -> shape)
+    that a join adds."""
+    fields = {"image": ((image_size, image_size, 3), np.float32), "target": ((), np.float32),
+              "index": ((), np.int32)}
+    return fields | {name: (shape, np.float32) for name, shape in joined.items()}
+
+
 class IQAData:
     """Train batches (resumable by step) and the eval split, from the config's `dataset` group."""
 
@@ -47,12 +56,9 @@ class IQAData:
     def train_spec(self, joined: dict[str, tuple]) -> dict[str, jax.ShapeDtypeStruct]:
         """The shapes, dtypes and shardings of a global train batch, with the float32 fields of
         `joined` (name -> one example's shape) that a join adds: what the train step is compiled for."""
-        image = (self.image_size, self.image_size, 3)
-        fields = {"image": (image, np.float32), "target": ((), np.float32), "index": ((), np.int32)}
-        fields |= {name: (shape, np.float32) for name, shape in joined.items()}
         split = mesh_lib.batch_sharding(self.mesh)
         return {name: jax.ShapeDtypeStruct((self.batch_size, *shape), dtype, sharding=split)
-                for name, (shape, dtype) in fields.items()}
+                for name, (shape, dtype) in train_fields(self.image_size, joined).items()}
 
     def eval_batches(self, part: str = "test") -> Iterator[dict]:
         """A part of the split (each image once, in order), padded with a 'mask', as global arrays."""
