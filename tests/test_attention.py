@@ -49,12 +49,15 @@ def test_an_unknown_implementation_is_refused():
 
 def test_auto_falls_back_to_xla_where_cudnn_refuses(monkeypatch):
     """On a GPU in bfloat16 'auto' asks cuDNN first; where cuDNN refuses when traced (here: this
-    machine has none, as a GPU may refuse a head size), the call runs on XLA's kernel instead,
-    while an explicit 'cudnn' reports cuDNN's own error."""
+    machine has none, as a GPU may refuse a head size), the call runs on XLA's kernel instead, with a
+    warning that names the shape and cuDNN's reason, while an explicit 'cudnn' reports cuDNN's own
+    error."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(2, 16, 16, heads=2, dim=8))
     expected = jax.nn.dot_product_attention(q, k, v)
-    assert jnp.array_equal(attend(q, k, v, "auto"), expected)
+    with pytest.warns(UserWarning, match=r"^attention of 16 queries on 16 keys \(2 heads of 8\) runs on "
+                                         r"XLA's kernel: cuDNN's refused it \(cuDNN is not detected\.\)$"):
+        assert jnp.array_equal(attend(q, k, v, "auto"), expected)
     with pytest.raises(RuntimeError, match="cuDNN"):
         attend(q, k, v, "cudnn")
 

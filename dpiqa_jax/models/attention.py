@@ -12,6 +12,7 @@ Only 'xla' holds the (T, S) probabilities of a whole sequence in memory. 'auto' 
 GPU in half precision (XLA wherever cuDNN turns a shape down), 'tpu_flash' on a TPU, XLA elsewhere.
 """
 import dataclasses
+import warnings
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -49,9 +50,13 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "auto
     if kernel == "cudnn":
         try:  # cuDNN checks shapes, head sizes and its version when traced
             return cudnn_attention(q, k, v)
-        except (RuntimeError, NotImplementedError, ValueError):
+        except (RuntimeError, NotImplementedError, ValueError) as refusal:
             if implementation != "auto":
                 raise
+            # Said once per shape and reason (at trace time): a slower kernel should never be silent.
+            heads = f"{q.shape[2]} head{'s' * (q.shape[2] != 1)} of {q.shape[3]}"
+            warnings.warn(f"attention of {q.shape[1]} queries on {k.shape[1]} keys ({heads}) runs on XLA's "
+                          f"kernel: cuDNN's refused it ({refusal})", stacklevel=2)
     return jax.nn.dot_product_attention(q, k, v, implementation="xla")  # None may mean cuDNN one day
 
 
