@@ -217,8 +217,8 @@ def _remat(policy=None) -> tuple:
 #   'off'      every intermediate: 7.7 GiB with XLA's attention, 5.8 of them its probabilities
 #              (about 1.9 without them, as with a fused kernel);
 #   'matmuls'  the outputs of the convolutions, dense layers and fused attention kernels only
-#              (0.54 GiB): norms, activations, casts and XLA's attention probabilities run again
-#              in the backward pass;
+#              (0.54 GiB with XLA's attention, 0.59 with cuDNN's): norms, activations, casts and
+#              XLA's attention probabilities run again in the backward pass;
 #   'full'     each layer's inputs only (0.17 GiB): the whole layer runs again.
 _LAYERS = {"off": (ResnetBlock2D, Transformer2D), "matmuls": _remat(_saves_matmul_outputs), "full": _remat()}
 REMAT = tuple(_LAYERS)
