@@ -112,7 +112,7 @@ def measure_row(shape: Shape, kernel: str, x: tuple, reference: tuple, args) -> 
 
 
 def default_kernels() -> list[str]:
-    fused = choose("auto", jax.default_backend(), jnp.bfloat16, 4096)
+    fused = choose("auto", jax.default_backend(), jnp.bfloat16, 4096, 64)
     return ["xla"] + ([fused] if fused != "xla" else [])
 
 
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
         reference = forward_backward("xla", jnp.float32)(*x)
         for kernel in kernels:
             # A fused kernel that would hand this shape to XLA's (Pallas' on short sequences) is left out.
-            if kernel == "xla" or choose(kernel, platform, jnp.bfloat16, shape.queries) != "xla":
+            if kernel == "xla" or choose(kernel, platform, jnp.bfloat16, shape.queries, shape.dim) != "xla":
                 rows.append(measure_row(shape, kernel, x, reference, args))
     print(table(rows, args, jax.devices()[0].device_kind))
     if args.output:

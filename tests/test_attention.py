@@ -24,27 +24,29 @@ from dpiqa_jax.train.inputs import train_fields
 TOL = 1e-5
 
 
-@pytest.mark.parametrize("implementation, platform, dtype, length, kernel", [
-    ("auto", "gpu", jnp.bfloat16, 4096, "cudnn"),
-    ("auto", "gpu", jnp.float16, 77, "cudnn"),
-    ("auto", "gpu", jnp.float32, 4096, "xla"),  # cuDNN's fused attention is for half precision
-    ("auto", "tpu", jnp.bfloat16, 4096, "tpu_flash"),
-    ("auto", "tpu", jnp.float32, 1024, "tpu_flash"),
-    ("auto", "tpu", jnp.bfloat16, 64, "xla"),  # fewer queries than one block
-    ("auto", "tpu", jnp.bfloat16, 200, "xla"),  # not whole blocks
-    ("auto", "cpu", jnp.bfloat16, 4096, "xla"),
-    ("xla", "gpu", jnp.bfloat16, 4096, "xla"),
-    ("cudnn", "gpu", jnp.float32, 4096, "cudnn"),  # asked for: cuDNN's own error if it cannot
-    ("tpu_flash", "cpu", jnp.float32, 256, "tpu_flash"),
-    ("tpu_flash", "tpu", jnp.float32, 16, "xla"),
+@pytest.mark.parametrize("implementation, platform, dtype, length, head, kernel", [
+    ("auto", "gpu", jnp.bfloat16, 4096, 40, "cudnn"),
+    ("auto", "gpu", jnp.float16, 77, 256, "cudnn"),
+    ("auto", "gpu", jnp.float32, 4096, 40, "xla"),  # cuDNN's fused attention is for half precision
+    ("auto", "gpu", jnp.bfloat16, 4096, 512, "xla"),  # the VAE's head: wider than cuDNN's
+    ("auto", "gpu", jnp.bfloat16, 4096, 36, "xla"),  # not in steps of 8
+    ("auto", "tpu", jnp.bfloat16, 4096, 40, "tpu_flash"),
+    ("auto", "tpu", jnp.float32, 1024, 512, "tpu_flash"),
+    ("auto", "tpu", jnp.bfloat16, 64, 40, "xla"),  # fewer queries than one block
+    ("auto", "tpu", jnp.bfloat16, 200, 40, "xla"),  # not whole blocks
+    ("auto", "cpu", jnp.bfloat16, 4096, 40, "xla"),
+    ("xla", "gpu", jnp.bfloat16, 4096, 40, "xla"),
+    ("cudnn", "gpu", jnp.float32, 4096, 512, "cudnn"),  # asked for: cuDNN's own error if it cannot
+    ("tpu_flash", "cpu", jnp.float32, 256, 40, "tpu_flash"),
+    ("tpu_flash", "tpu", jnp.float32, 16, 40, "xla"),
 ])
-def test_each_setting_picks_its_kernel(implementation, platform, dtype, length, kernel):
-    assert choose(implementation, platform, dtype, length) == kernel
+def test_each_setting_picks_its_kernel(implementation, platform, dtype, length, head, kernel):
+    assert choose(implementation, platform, dtype, length, head) == kernel
 
 
 def test_an_unknown_implementation_is_refused():
     with pytest.raises(ValueError, match="'flash'.*known"):
-        choose("flash", "gpu", jnp.bfloat16, 4096)
+        choose("flash", "gpu", jnp.bfloat16, 4096, 40)
 
 
 def test_auto_falls_back_to_xla_where_cudnn_refuses(monkeypatch):

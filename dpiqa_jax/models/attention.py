@@ -9,7 +9,8 @@ as XLA fuses it on any backend; 'cudnn' is cuDNN's fused flash attention (NVIDIA
 bfloat16); 'tpu_flash' is the Pallas flash-attention kernel for TPUs, where the queries fill its
 blocks (XLA's elsewhere; keys are padded to its block and masked out, so any context length works).
 Only 'xla' holds the (T, S) probabilities of a whole sequence in memory. 'auto' picks cuDNN on a
-GPU in half precision (XLA wherever cuDNN turns a shape down), 'tpu_flash' on a TPU, XLA elsewhere.
+GPU in half precision for heads it takes (XLA's kernel for others, and with a warning wherever cuDNN
+turns a shape down when traced), 'tpu_flash' on a TPU, XLA elsewhere.
 """
 import dataclasses
 import warnings
@@ -25,18 +26,21 @@ Dtype = Any
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "tpu_flash")
 TPU_BLOCK = 128  # the Pallas kernel's query and key block: queries must fill whole blocks
 HALF = (jnp.float16, jnp.bfloat16)
+CUDNN_HEADS = 256  # the widest head cuDNN's flash attention takes (Hopper; earlier cards 128)
 # What a remat policy (unet.REMAT) sees of the fused kernels' forward pass: cuDNN's kernel itself,
 # and the custom VJP around Pallas' (the U-Net's layers have no other custom VJP).
 FUSED_FORWARD = ("dot_product_attention_fwd_wrapper", "custom_vjp_call")
 
 
-def choose(implementation: str, platform: str, dtype, query_length: int) -> str:
+def choose(implementation: str, platform: str, dtype, query_length: int, head_size: int) -> str:
     """The kernel that `implementation` means for one call on `platform` ('cpu', 'gpu', 'tpu')."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r}; known: {IMPLEMENTATIONS}")
     if implementation == "auto":
-        half = jnp.dtype(dtype) in HALF
-        implementation = {"gpu": "cudnn" if half else "xla", "tpu": "tpu_flash"}.get(platform, "xla")
+        # cuDNN's kernel is for half precision, on heads at most CUDNN_HEADS wide in steps of 8 (the
+        # VAE's one head of 512 is not: XLA's kernel, without the warning of a surprise refusal).
+        cudnn = jnp.dtype(dtype) in HALF and head_size <= CUDNN_HEADS and head_size % 8 == 0
+        implementation = {"gpu": "cudnn" if cudnn else "xla", "tpu": "tpu_flash"}.get(platform, "xla")
     if implementation == "tpu_flash" and query_length % TPU_BLOCK:
         return "xla"  # short sequences (the U-Net's deeper levels) cost little either way
     return implementation
@@ -44,7 +48,7 @@ def choose(implementation: str, platform: str, dtype, query_length: int) -> str:
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "auto") -> jax.Array:
     """softmax(q k^T / sqrt(D)) v per head: q (B, T, H, D), k and v (B, S, H, D) -> (B, T, H, D)."""
-    kernel = choose(implementation, jax.default_backend(), q.dtype, q.shape[1])
+    kernel = choose(implementation, jax.default_backend(), q.dtype, q.shape[1], q.shape[3])
     if kernel == "tpu_flash":
         return tpu_flash_attention(q, k, v)
     if kernel == "cudnn":
