@@ -20,11 +20,10 @@ from typing import Optional
 import numpy as np
 
 from dpiqa_jax.train import example_cache, exported
+from dpiqa_jax.train.checkpoint import temporary, temporary_owner
 
 _XLA = re.compile(r"^(?P<name>.+)-[0-9a-f]{64}-cache$")  # JAX's persistent cache entries
 _XLA_ATIME = "-atime"  # the companion file of a JAX entry, where JAX's eviction is on
-# A stored train step's file while `checkpoint.atomic_write` writes it, or after a kill midway.
-_STEP_WRITE = re.compile(r"^[0-9a-f]+\.(bin|refused)\.tmp-(?P<host>.+)-(?P<pid>\d+)$")
 # Where XLA keeps the GPU kernels' autotuning results (one small file per fusion) when JAX's cache is on.
 _AUTOTUNE = "xla_gpu_per_fusion_autotune_cache_dir"
 
@@ -71,7 +70,7 @@ def remove(entry: Entry) -> None:
         shutil.rmtree(doomed)
         return
     if not example_cache.build_owner(os.path.basename(doomed)):
-        doomed = example_cache.build_folder(entry.path)
+        doomed = temporary(entry.path)
         os.rename(entry.path, doomed)
     shutil.rmtree(doomed)
 
@@ -86,9 +85,9 @@ def _entry(describe, path: str) -> Optional[Entry]:
 def _file_entry(path: str) -> Optional[Entry]:
     name, stat = os.path.basename(path), os.stat(path)
     if os.path.basename(os.path.dirname(path)) == exported.FOLDER:
-        write = _STEP_WRITE.match(name)
-        if write:
-            return _unfinished(path, write["host"], int(write["pid"]), "train step program")
+        write = temporary_owner(name)  # being written (`checkpoint.atomic_write`), or killed midway
+        if write and write[0].endswith((".bin", ".refused")):
+            return _unfinished(path, *write[1:], "train step program")
         if name.endswith((".bin", ".refused")):
             what = "train step program" if name.endswith(".bin") else "train step that cannot be stored"
             return Entry(path, what, stat.st_size, stat.st_mtime)

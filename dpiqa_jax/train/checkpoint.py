@@ -17,6 +17,7 @@ import fcntl
 import functools
 import json
 import os
+import re
 import socket
 from typing import Any, Optional
 
@@ -129,11 +130,26 @@ def write_model_files(workdir: str, model_file: str, model_dict: dict, embedding
         atomic_write(os.path.join(workdir, EMBEDDINGS_FILE), lambda f: np.save(f, np.asarray(embeddings)))
 
 
+_TEMPORARY = re.compile(r"^(?P<name>.+)\.tmp-(?P<host>.+)-(?P<pid>\d+)$")  # temporary()'s names
+
+
+def temporary(path: str) -> str:
+    """Where this process writes `path` (a file or a folder) before renaming it into place:
+    `PATH.tmp-HOST-PID`, this host's and process's own, as the processes of several hosts may write
+    one path (on shared storage) and containers give their processes the same pids."""
+    return f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
+
+
+def temporary_owner(name: str) -> Optional[tuple[str, str, int]]:
+    """(NAME, host, pid) of a temporary's file or folder name (`temporary`), or None for any other."""
+    match = _TEMPORARY.match(name)
+    return (match["name"], match["host"], int(match["pid"])) if match else None
+
+
 def atomic_write(path: str, write) -> None:
-    """`write(binary file)` into a temporary file renamed to `path`: `path` never holds a partial file.
-    The temporary is this host's and process's own: the processes of several hosts may write one path
-    (a stored train step on shared storage), and containers give their processes the same pids."""
-    tmp = f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
+    """`write(binary file)` into a temporary file (`temporary`) renamed to `path`: `path` never holds
+    a partial file."""
+    tmp = temporary(path)
     try:
         with open(tmp, "wb") as f:
             write(f)

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from dpiqa_jax.errors import UserError
 from dpiqa_jax.train import mesh as mesh_lib
-from dpiqa_jax.train.checkpoint import atomic_write, mark_used
+from dpiqa_jax.train.checkpoint import atomic_write, mark_used, temporary, temporary_owner
 
 
 def params_digest(params) -> str:
@@ -79,7 +79,7 @@ class ExampleCache:
 
 IDENTITY = "identity.json"
 KEY_LENGTH = 20  # hex digits of a cache's folder name
-_BUILD = re.compile(rf"^(?P<key>[0-9a-f]{{{KEY_LENGTH}}})\.tmp-(?P<host>.+)-(?P<pid>\d+)$")  # build_folder
+_KEY = re.compile(rf"[0-9a-f]{{{KEY_LENGTH}}}")
 
 
 def load_or_build(root: str, kind: str, identity: dict, indices: np.ndarray, shapes: dict[str, tuple],
@@ -155,7 +155,7 @@ def _build(folder: str, identity: dict, indices: np.ndarray, shapes: dict[str, t
         for _ in compute():
             pass
         return
-    tmp = build_folder(folder)
+    tmp = temporary(folder)  # renamed to `folder` once complete
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     _remove_abandoned(folder)
     os.makedirs(tmp)
@@ -183,15 +183,11 @@ def _build(folder: str, identity: dict, indices: np.ndarray, shapes: dict[str, t
         os.rename(tmp, folder)
 
 
-def build_folder(folder: str) -> str:
-    """The folder in which this process builds `folder`, renamed to it once complete."""
-    return f"{folder}.tmp-{socket.gethostname()}-{os.getpid()}"
-
-
 def build_owner(name: str) -> Optional[tuple[str, str, int]]:
-    """(KEY, host, pid) of a build folder's name (`build_folder`), or None for any other name."""
-    match = _BUILD.match(name)
-    return (match["key"], match["host"], int(match["pid"])) if match else None
+    """(KEY, host, pid) of a cache's build folder's name (`checkpoint.temporary` of its folder), or
+    None for any other name."""
+    owner = temporary_owner(name)
+    return owner if owner and _KEY.fullmatch(owner[0]) else None
 
 
 def _allocate(folder: str, tmp: str, shapes: dict[str, tuple]) -> dict[str, np.ndarray]:
